@@ -1,0 +1,48 @@
+// Host-side contract of the depthwise op shared by the CPU and CUDA
+// implementations: argument checks (done once, before any launch), layout,
+// and the per-channel BatchNorm folding.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <tuple>
+
+namespace mbx {
+
+int parse_act(c10::string_view act);
+
+struct DwGeom {
+  int64_t N, C, H, W, Ho, Wo;
+  int K, stride, pad, dil, act;
+  bool channels_last;  // memory format of x, and so of y, dy and dx
+  at::MemoryFormat format() const {
+    return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
+};
+
+// Layout rule shared with mobilenet_ext/ops.py::_memory_format: channels_last
+// only when x is channels_last-contiguous and not plain contiguous.
+bool is_channels_last(const at::Tensor& x);
+
+// Checks every argument of dw_fwd and returns the geometry. Throws
+// ValueError/TypeError-mapped c10 errors naming the bad argument.
+DwGeom dw_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+                const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
+                const c10::optional<at::Tensor>& running_var, int64_t stride, int64_t padding,
+                int64_t dilation, bool training, c10::string_view act);
+
+// Statistics used to normalise in eval mode: (running_mean, 1/sqrt(running_var+eps)),
+// as new tensors in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor> eval_stats(const at::Tensor& running_mean,
+                                              const at::Tensor& running_var, double eps,
+                                              at::ScalarType acc);
+
+// scale = gamma*invstd, shift = beta - mean*scale, in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor> fold_bn(const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                           const at::Tensor& mean, const at::Tensor& invstd);
+
+at::ScalarType acc_type(at::ScalarType t);
+
+}  // namespace mbx

@@ -1,0 +1,184 @@
+"""Public functional ops, their fake kernels and autograd, and the backend choice.
+
+The registered ops (`torch.ops.mobilenet_ext.*`) are functional: they return the
+statistics they normalised with, and the public wrappers below update the running
+buffers from them, in place and without grad, exactly as `nn.BatchNorm2d` does.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, reference
+from .reference import ACTIVATIONS
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """Same rule as csrc/dw_conv_host.cpp::is_channels_last."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv_out(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def _check_param(t, name, x):
+    if t is None:
+        return
+    c = x.shape[1]
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != c:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected shape ({c},) to match the channels of x, got {shape}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: expected device {x.device} like x, got {t.device}")
+    if t.dtype not in (x.dtype, _acc_dtype(x.dtype)):
+        raise ValueError(f"{name}: expected dtype {x.dtype} or {_acc_dtype(x.dtype)} for x of "
+                         f"dtype {x.dtype}, got {t.dtype}")
+
+
+def _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+              dilation, training, momentum, act):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D (N, C, H, W) tensor, got "
+                         f"{x.dim() if isinstance(x, torch.Tensor) else type(x).__name__}-D")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x: expected a floating dtype (float64/32/16, bfloat16), got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight: expected dtype {x.dtype} like x, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight: expected device {x.device} like x, got {weight.device}")
+    n, c, h, w = x.shape
+    if weight.dim() != 4 or weight.shape[0] != c or weight.shape[1] != 1 or \
+            weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight: expected shape ({c}, 1, k, k) for a depthwise conv of x with "
+                         f"{c} channels, got {tuple(weight.shape)}")
+    k = weight.shape[-1]
+    if k not in (3, 5, 7):
+        raise ValueError(f"weight: kernel size must be 3, 5 or 7, got {k}")
+    if stride not in (1, 2):
+        raise ValueError(f"stride: must be 1 or 2, got {stride}")
+    if not 1 <= dilation <= 8:
+        raise ValueError(f"dilation: must be in [1, 8], got {dilation}")
+    if not 0 <= padding <= dilation * (k - 1):
+        raise ValueError(f"padding: must be in [0, dilation*(k-1)] = [0, {dilation * (k - 1)}], "
+                         f"got {padding}")
+    if min(h, w) + 2 * padding < dilation * (k - 1) + 1:
+        raise ValueError(f"x: spatial size ({h}, {w}) is smaller than the padded kernel")
+    for t, name in ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"),
+                    (running_mean, "running_mean"), (running_var, "running_var")):
+        _check_param(t, name, x)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act: unknown activation {act!r}; expected one of "
+                         f"{', '.join(ACTIVATIONS)}")
+    if training:
+        count = n * _conv_out(h, k, stride, padding, dilation) * \
+            _conv_out(w, k, stride, padding, dilation)
+        if count <= 1:
+            raise ValueError(f"x: expected more than 1 value per channel when training, got "
+                             f"{count} (input shape {tuple(x.shape)})")
+        if momentum is None:
+            raise ValueError("momentum: None (cumulative average) needs num_batches_tracked; "
+                             "pass momentum=1/num_batches_tracked, as nn.BatchNorm2d does")
+    elif running_mean is None or running_var is None:
+        raise ValueError("running_mean/running_var: required when training=False")
+
+
+@torch.no_grad()
+def _update_running(running_mean, running_var, mean, invstd, eps, count, momentum):
+    """nn.BatchNorm2d's update: running = (1-m)*running + m*batch, unbiased variance."""
+    var = (invstd.pow(-2) - eps).clamp_(min=0) * (count / (count - 1))
+    if running_mean is not None:
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    if running_var is not None:
+        running_var.lerp_(var.to(running_var.dtype), momentum)
+
+
+def dw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1,
+                   padding=None, dilation=1, training=False, momentum=0.1, eps=1e-5,
+                   act="relu6"):
+    """Fused depthwise conv + BatchNorm + activation.
+
+    x (N, C, H, W), weight (C, 1, k, k) with k in {3, 5, 7}; stride 1 or 2; padding
+    defaults to (k-1)//2*dilation. bn_weight/bn_bias may be None (affine=False).
+    Eval: y = act(conv(x)*scale + shift) with BN folded in fp32. Training:
+    normalises with batch statistics and updates running_mean/running_var in place
+    (when given) as `F.batch_norm` does. Returns y in x's memory format.
+    """
+    if padding is None and isinstance(weight, torch.Tensor):
+        padding = reference.default_padding(weight.shape[-1], dilation)
+    _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+              dilation, training, momentum, act)
+    backend = _backend.pick(x)
+    if backend == "reference":
+        return reference.dw_conv_bn_act(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+            padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
+            act=act)
+    c = x.shape[1]
+    if bn_weight is None:
+        bn_weight = torch.ones(c, dtype=_acc_dtype(x.dtype), device=x.device)
+    if bn_bias is None:
+        bn_bias = torch.zeros(c, dtype=_acc_dtype(x.dtype), device=x.device)
+    x = x.contiguous(memory_format=_memory_format(x))
+    y, mean, invstd = torch.ops.mobilenet_ext.dw_fwd(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+        training, eps, act)
+    if training:
+        count = y.shape[0] * y.shape[2] * y.shape[3]
+        _update_running(running_mean, running_var, mean, invstd, eps, count, momentum)
+    return y
+
+
+# ---------------------------------------------------------------- registration
+
+def _register():
+    @torch.library.register_fake("mobilenet_ext::dw_fwd")
+    def _dw_fwd_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                     dilation, training, eps, act):
+        n, c, h, w = x.shape
+        k = weight.shape[-1]
+        ho, wo = (_conv_out(s, k, stride, padding, dilation) for s in (h, w))
+        y = x.new_empty((n, c, ho, wo), memory_format=_memory_format(x))
+        acc = _acc_dtype(x.dtype)
+        return y, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+    @torch.library.register_fake("mobilenet_ext::dw_bwd")
+    def _dw_bwd_fake(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding,
+                     dilation, training, act):
+        return (x.new_empty(x.shape, memory_format=_memory_format(x)), torch.empty_like(weight),
+                torch.empty_like(bn_weight), torch.empty_like(bn_bias))
+
+    def _dw_setup(ctx, inputs, output):
+        x, weight, bn_weight, bn_bias, _, _, stride, padding, dilation, training, _, act = inputs
+        _, mean, invstd = output
+        ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd)
+        ctx.cfg = (stride, padding, dilation, training, act)
+
+    def _dw_backward(ctx, grad_y, _grad_mean, _grad_invstd):
+        # mean/invstd feed only the running-buffer update, which runs without grad
+        x, weight, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
+        if grad_y is None:
+            return (None,) * 12
+        dx, dw, dg, db = torch.ops.mobilenet_ext.dw_bwd(
+            grad_y, x, weight, bn_weight, bn_bias, mean, invstd, *ctx.cfg)
+        return dx, dw, dg, db, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("mobilenet_ext::dw_fwd", _dw_backward, setup_context=_dw_setup)
+
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError("mobilenet_ext: double backward (grad of a grad) is not supported "
+                           "by dw_conv_bn_act; use the 'reference' backend for it")
+
+    torch.library.register_autograd("mobilenet_ext::dw_bwd", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+if _backend._C_ERROR is None:
+    _register()

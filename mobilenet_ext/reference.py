@@ -1,0 +1,60 @@
+"""Pure-PyTorch compositions of every op: the truth for tests and the last fallback.
+
+Each function computes exactly what the fused op promises, with PyTorch's own
+modules run one after the other (conv, then BatchNorm, then the activation), the
+way torchvision's MobileNets run them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("relu6", "relu", "identity", "hardswish", "silu")
+
+
+def activation(y: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "relu6":
+        return F.relu6(y)
+    if act == "relu":
+        return F.relu(y)
+    if act == "identity":
+        return y
+    if act == "hardswish":
+        return F.hardswish(y)
+    if act == "silu":
+        return F.silu(y)
+    raise ValueError(f"act: unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)}")
+
+
+def default_padding(kernel_size: int, dilation: int) -> int:
+    return (kernel_size - 1) // 2 * dilation
+
+
+def dw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1,
+                   padding=None, dilation=1, training=False, momentum=0.1, eps=1e-5,
+                   act="relu6"):
+    """act(BatchNorm(depthwise_conv(x))); updates the running buffers when training."""
+    if padding is None:
+        padding = default_padding(weight.shape[-1], dilation)
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups=x.shape[1])
+    y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return activation(y, act)
+
+
+def dw_fwd(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+           training, eps, act):
+    """Reference of the registered op `mobilenet_ext::dw_fwd`: (y, mean, invstd).
+
+    Statistics in float64 for float64 input, float32 otherwise; the running buffers
+    are not touched (the op is functional).
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    conv = F.conv2d(x, weight, None, stride, padding, dilation, groups=x.shape[1])
+    if training:
+        var, mean = torch.var_mean(conv.to(acc), dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    invstd = torch.rsqrt(var + eps)
+    z = (conv.to(acc) - mean[:, None, None]) * (invstd * bn_weight.to(acc))[:, None, None]
+    z = z + bn_bias.to(acc)[:, None, None]
+    return activation(z, act).to(x.dtype), mean, invstd
