@@ -145,15 +145,16 @@ def _register():
         n, c, h, w = x.shape
         k = weight.shape[-1]
         ho, wo = (_conv_out(s, k, stride, padding, dilation) for s in (h, w))
-        y = x.new_empty((n, c, ho, wo), memory_format=_memory_format(x))
+        y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device,
+                        memory_format=_memory_format(x))
         acc = _acc_dtype(x.dtype)
         return y, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
 
     @torch.library.register_fake("mobilenet_ext::dw_bwd")
     def _dw_bwd_fake(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding,
                      dilation, training, act):
-        return (x.new_empty(x.shape, memory_format=_memory_format(x)), torch.empty_like(weight),
-                torch.empty_like(bn_weight), torch.empty_like(bn_bias))
+        return (torch.empty_like(x, memory_format=_memory_format(x)), weight.new_empty(weight.shape),
+                bn_weight.new_empty(bn_weight.shape), bn_bias.new_empty(bn_bias.shape))
 
     def _dw_setup(ctx, inputs, output):
         x, weight, bn_weight, bn_bias, _, _, stride, padding, dilation, training, _, act = inputs

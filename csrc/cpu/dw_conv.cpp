@@ -347,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bwd_cpu(
                                 invstd.contiguous(), training, dx, dw_taps, dgamma, dbeta);
     });
   }
-  auto dweight = dw_taps.t().reshape(weight.sizes()).to(weight.scalar_type());
+  auto dweight = dw_taps.t().contiguous().reshape(weight.sizes()).to(weight.scalar_type());
   return {dx, dweight, dgamma.to(bn_weight.scalar_type()), dbeta.to(bn_bias.scalar_type())};
 }
 

@@ -378,7 +378,7 @@ dim3 block_dims(bool channels_last) { return channels_last ? dim3(32, 8) : dim3(
 // Chunks so that about 8 blocks per SM run, each thread owning >= 4 pixels.
 int num_chunks(bool channels_last, int C, int64_t P) {
   const dim3 b = block_dims(channels_last);
-  const int64_t gx = (C + b.x - 1) / b.x;
+  const int64_t gx = C > 0 ? (C + b.x - 1) / b.x : 1;  // C == 0: no launch, but no div by 0
   const int64_t want = (int64_t(sm_count()) * 8 + gx - 1) / gx;
   const int64_t most = (P + int64_t(b.y) * 4 - 1) / (int64_t(b.y) * 4);
   int64_t k = want < most ? want : most;

@@ -26,7 +26,11 @@ DwLaunch make_launch(const DwGeom& g, const at::Tensor& x, const at::Tensor& w, 
                      double eps) {
   TORCH_CHECK_VALUE(g.N * g.H * g.W < (int64_t(1) << 31) - 65536 &&
                         g.N * g.Ho * g.Wo < (int64_t(1) << 31) - 65536,
-                    "x: N*H*W must be below 2^31 for the CUDA kernels, got ", g.N * g.H * g.W);
+                    "x: N*H*W and N*Ho*Wo must be below 2^31 for the CUDA kernels, got ",
+                    g.N * g.H * g.W, " and ", g.N * g.Ho * g.Wo);
+  // per-channel buffers are indexed in int: part/coef rows (3*C, 2*C + c) and K*K*C
+  TORCH_CHECK_VALUE(g.C * std::max(3, g.K * g.K) < (int64_t(1) << 31) - 256,
+                    "x: C*max(3, k*k) must be below 2^31 for the CUDA kernels, got C=", g.C);
   DwLaunch p{};
   p.N = g.N;
   p.C = g.C;
@@ -68,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_fwd_cuda(
   if (training) {
     mean = at::empty({g.C}, opts);
     invstd = at::empty({g.C}, opts);
-    if (y.numel() == 0) return {y, mean, invstd};  // unreachable: checked count > 1
+    if (y.numel() == 0) return {y, mean, invstd};  // C == 0 (count > 1 was checked)
     scale = at::empty({g.C}, opts);
     shift = at::empty({g.C}, opts);
     auto gamma = bn_weight.to(acc).contiguous(), beta = bn_bias.to(acc).contiguous();
@@ -118,7 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bwd_cuda(
   auto dweight = at::zeros({g.C, g.K * g.K}, opts);
   auto dgamma = at::zeros({g.C}, opts);
   auto dbeta = at::zeros({g.C}, opts);
-  if (dy.numel() == 0 || x.numel() == 0) {
+  // x may be empty while y is not (H or W == 0, all taps in the padding): the
+  // kernels handle it (conv == 0, dbeta = sum(dz) != 0), so only skip on empty dy.
+  if (dy.numel() == 0) {
     dx.zero_();
   } else {
     at::Tensor scale, shift;

@@ -1,0 +1,225 @@
+"""`python -m bench`: command line, the loop over layers, modes and providers."""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import mobilenet_ext
+
+from . import core, dw, report
+from .shapes import DWLayer, mobilenet_v2_dw_layers
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+QUICK = ((144, 56, 2), (960, 7, 1))  # (c, h, stride): one stride-2 and one small stride-1 layer
+# per device: dtype, batch, repeats, warmup (--quick: repeats, warmup)
+DEFAULTS = {"cuda": ("fp16", 128, 100, 10, 20, 3), "cpu": ("fp32", 8, 10, 3, 3, 2)}
+
+
+@dataclass
+class Config:
+    device: torch.device
+    dtype: torch.dtype
+    fmt: torch.memory_format
+    batch: int
+    repeats: int
+    warmup: int
+    backend: str
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="mobilenet_ext's fused depthwise conv+BN+ReLU6 ('ours') against eager "
+                    "PyTorch ('eager': Conv2d, BatchNorm2d, ReLU6 as torchvision runs them) on "
+                    "every MobileNetV2 depthwise layer. Outputs are checked before timing.")
+    p.add_argument("--op", choices=["dw"], default="dw", help="op family (default dw)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default fp16 on GPU, fp32 on CPU")
+    p.add_argument("--batch", type=int, help="default 128 on GPU, 8 on CPU")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="channels_last")
+    p.add_argument("--mode", choices=["infer", "train", "both"], default="both",
+                   help="infer: eval forward without grad; train: training forward + "
+                        "backward to x, conv weight, BN weight and bias")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{len(QUICK)} layers and few repeats: a smoke run")
+    p.add_argument("--json", metavar="PATH", help="write environment, args and raw rows here")
+    p.add_argument("--repeats", type=int, help="timed calls per row (default 100 GPU, 10 CPU)")
+    p.add_argument("--warmup", type=int, help="untimed calls before timing")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--backend", choices=[b for b in mobilenet_ext.BACKENDS],
+                   help="mobilenet_ext backend for 'ours' (default cuda on GPU, cpu on CPU)")
+    args = p.parse_args(argv)
+    for name in ("batch", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.warmup is not None and args.warmup < 0:
+        p.error("--warmup must be at least 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    return args
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    kind = args.device if args.device != "auto" else \
+        "cuda" if torch.cuda.is_available() else "cpu"
+    dtype, batch, repeats, warmup, q_repeats, q_warmup = DEFAULTS[kind]
+    if args.quick:
+        repeats, warmup = q_repeats, q_warmup
+    args.dtype = args.dtype or dtype
+    args.batch = args.batch or batch
+    args.repeats = args.repeats or repeats
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.backend = args.backend or kind
+    args.device = kind
+    return Config(torch.device(kind), DTYPES[args.dtype], LAYOUTS[args.layout], args.batch,
+                  args.repeats, args.warmup, args.backend)
+
+
+def _ours_unavailable(cfg: Config) -> str | None:
+    """Why 'ours' cannot run with the chosen backend here, or None."""
+    try:
+        mobilenet_ext.set_backend(cfg.backend)
+    except (RuntimeError, ValueError) as e:
+        return str(e)
+    if cfg.backend in ("cuda", "cpu") and cfg.backend != cfg.device.type:
+        return f"backend {cfg.backend!r} cannot run tensors on {cfg.device.type}"
+    return None
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def bench_case(layer: DWLayer, mode: str, cfg: Config, skip: dict[str, str],
+               providers=dw.PROVIDERS, progress=None) -> list[dict]:
+    """Check, then time, every provider on one layer and mode; plus the copy baseline."""
+    nbytes = dw.layer_bytes(layer, cfg.batch, cfg.dtype, mode)
+    base = {"op": "dw", "layer": layer.name, "c": layer.c, "h": layer.h, "w": layer.w,
+            "stride": layer.stride, "k": layer.k, "count": layer.count, "mode": mode,
+            "dtype": str(cfg.dtype).removeprefix("torch."),
+            "layout": "channels_last" if cfg.fmt == torch.channels_last else "nchw",
+            "batch": cfg.batch, "bytes": nbytes, "buffers": None, "status": "ok",
+            "reason": None, "errors": None, "stats": None, "copy": None}
+    rows = [dict(base, provider=name, backend=cfg.backend if name == "ours" else "torch")
+            for name in providers]
+    try:
+        template = dw.eager_template(layer, cfg.dtype, cfg.fmt, cfg.device)
+        buffers = dw.make_inputs(layer, cfg.batch, cfg.dtype, cfg.fmt, cfg.device, mode,
+                                 core.n_buffers(nbytes, cfg.device))
+        ref_dtype = core.REF_DTYPE[cfg.dtype]
+        ref = dw.outputs(copy.deepcopy(template).to(ref_dtype).train(mode == "train"),
+                         *dw.cast_inputs(*buffers[0], ref_dtype, cfg.fmt, mode), mode)
+    except Exception as e:  # e.g. out of memory: every provider's row says so
+        for row in rows:
+            row.update(status="error", reason=f"setup: {_error(e)}")
+            if progress:
+                progress(row)
+        return rows
+    checked = {}
+    for row, build in zip(rows, providers.values()):
+        row["buffers"] = len(buffers)
+        if row["provider"] in skip:
+            row.update(status="skipped", reason=skip[row["provider"]])
+        else:
+            try:
+                _check_and_time(row, build(template), buffers, ref, checked, mode, cfg)
+            except Exception as e:  # one broken provider must not stop the table
+                row.update(status="error", reason=_error(e))
+        if progress:
+            progress(row)
+    del ref, checked
+    if cfg.device.type == "cuda" and any(r["stats"] for r in rows):
+        copy_row = _copy_baseline(nbytes, len(buffers), cfg)
+        for r in rows:
+            r["copy"] = copy_row
+    return rows
+
+
+def _check_and_time(row, module, buffers, ref, checked, mode, cfg) -> None:
+    """Compare one provider's first step with the reference; time it only if it passes."""
+    module.train(mode == "train")
+    got = checked[row["provider"]] = dw.outputs(module, *buffers[0], mode)
+    base = got if row["provider"] == report.BASELINE else checked.get(report.BASELINE)
+    row["errors"], why = core.compare(got, ref, cfg.dtype, dw.SLACK, base)
+    if not got["y"].is_contiguous(memory_format=cfg.fmt):
+        why = "; ".join(filter(None, [why, "y is not in the input's memory format"]))
+    if why:
+        row.update(status="FAILED", reason=why)
+        return
+    call = core.rotating(dw.make_step(module, mode), buffers)
+    row["stats"] = core.measure(call, cfg.device, warmup=cfg.warmup,
+                                repeats=cfg.repeats).asdict()
+
+
+def _copy_baseline(nbytes: int, copies: int, cfg: Config) -> dict:
+    """dst.copy_(src) moving the layer's byte count (read + write), rotated like the layer."""
+    half = (nbytes + 1) // 2
+    srcs = [torch.empty(half, dtype=torch.uint8, device=cfg.device) for _ in range(copies)]
+    dsts = [torch.empty_like(s) for s in srcs]
+    stats = core.measure(lambda i: dsts[i % copies].copy_(srcs[i % copies]), cfg.device,
+                         warmup=cfg.warmup, repeats=cfg.repeats)
+    return {"bytes": 2 * half, "stats": stats.asdict(), "gbps": 2 * half / stats.median / 1e6}
+
+
+def _progress(total: int):
+    done = [0]
+
+    def show(row: dict) -> None:
+        done[0] += 1
+        st = row["stats"]
+        what = f"{st['median']:.4f} ms  {row['bytes'] / st['median'] / 1e6:.0f} GB/s" if st \
+            else f"{row['status']}: {row['reason']}"
+        print(f"[{done[0]}/{total}] {row['layer']} {row['mode']} {row['provider']}: {what}",
+              file=sys.stderr, flush=True)
+    return show
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = resolve(args)
+    if cfg.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # eager at its best, as in training scripts
+    layers = mobilenet_v2_dw_layers()
+    if args.quick:
+        layers = [lay for lay in layers if (lay.c, lay.h, lay.stride) in QUICK]
+    modes = dw.MODES if args.mode == "both" else (args.mode,)
+    why = _ours_unavailable(cfg)
+    skip = {"ours": why} if why else {}
+    if cfg.device.type == "cpu":
+        print("no CUDA device: CPU comparison only (ours = mobilenet_ext cpu backend); "
+              "GPU numbers need a GPU", file=sys.stderr)
+    if why:
+        print(f"ours: skipped: {why}", file=sys.stderr)
+    print(f"bench dw: {len(layers)} layers x {len(modes)} modes, {args.dtype}, {args.layout}, "
+          f"batch {cfg.batch}, {cfg.repeats} repeats on {cfg.device.type}", file=sys.stderr)
+
+    show = _progress(len(layers) * len(modes) * len(dw.PROVIDERS))
+    rows = []
+    for mode in modes:
+        for layer in layers:
+            rows += bench_case(layer, mode, cfg, skip, progress=show)
+            gc.collect()
+            if cfg.device.type == "cuda":
+                torch.cuda.empty_cache()
+    report.finish(rows)
+    total_rows = report.totals(rows)
+
+    env = report.environment(cfg.device)
+    print(f"\n{env['device']} | torch {env['torch']} | {args.dtype} {args.layout} batch "
+          f"{cfg.batch} | median of {cfg.repeats}" + (" | device time, L2 rotated"
+                                                       if cfg.device.type == "cuda" else ""))
+    print(report.render(rows, total_rows, show_copy=cfg.device.type == "cuda"))
+    bad = [r for r in rows if r["status"] in ("FAILED", "error")]
+    for r in bad:
+        print(f"{r['status']}: {r['layer']} {r['mode']} {r['provider']}: {r['reason']}")
+    if cfg.device.type == "cpu":
+        print("CPU numbers only: GPU numbers need a GPU (run bench/gpu_check.sh there).")
+    if args.json:
+        report.write_json(args.json, env, vars(args), rows, total_rows)
+        print(f"wrote {args.json}")
+    return 1 if bad else 0

@@ -1,0 +1,143 @@
+"""Op-agnostic machinery: check outputs against a high-precision reference, and time.
+
+Timing on a GPU is device time from CUDA events, one event pair per call. Before each
+timed call the stream is held busy with `torch.cuda._sleep` for longer than the host
+needs to enqueue the call, so the events enclose the call's kernels back to back and
+Python/launch overhead stays out of the number, for every provider alike. Inputs and
+outputs rotate over enough buffers to exceed twice the L2 cache, so a small layer is read
+from and written to HBM as it is in a network. On a CPU it is time.perf_counter per call.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+# the reference runs the eager composition one precision up
+REF_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+             torch.float32: torch.float64, torch.float64: torch.float64}
+# an error (max |got - ref| / max |ref|) below this always passes
+TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.detach()
+    diff = (got.detach().to(ref.dtype) - ref).abs().max()
+    return float(diff / ref.abs().max().clamp_min(torch.finfo(ref.dtype).tiny))
+
+
+def compare(got: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor],
+            dtype: torch.dtype, slack: Mapping[str, float],
+            base: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, float], str | None]:
+    """Errors of `got` against `ref` (max |got - ref| / max |ref| per tensor), and why it
+    fails (None when it passes).
+
+    A tensor passes when its error is at most TOL[dtype], or at most slack[name] times the
+    error of `base` (eager at the same dtype): the rule of the kernel tests. Comparing with
+    the truth rather than with eager keeps ReLU6 kinks, where a rounding in eager flips a
+    gradient, from failing a kernel that is closer to the truth than eager is.
+    """
+    errs, why = {}, []
+    for name, r in ref.items():
+        g = got[name]
+        if g.shape != r.shape:
+            why.append(f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}")
+            continue
+        e = errs[name] = rel_err(g, r)
+        e_base = rel_err(base[name], r) if base is not None else 0.0
+        limit = max(TOL[dtype], slack[name] * e_base)
+        if not math.isfinite(e) or e > limit:
+            why.append(f"{name}: err {e:.2e} > {limit:.2e}"
+                       + (f" (eager {e_base:.2e})" if base is not None else ""))
+    return errs, "; ".join(why) or None
+
+
+@dataclass
+class Stats:
+    """Milliseconds per call over n samples."""
+    median: float
+    p20: float
+    p80: float
+    min: float
+    n: int
+
+    @classmethod
+    def of(cls, times: Sequence[float]) -> "Stats":
+        s = sorted(times)
+
+        def q(p):  # linear interpolation between order statistics
+            i = p * (len(s) - 1)
+            lo = math.floor(i)
+            return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (i - lo)
+
+        return cls(q(0.5), q(0.2), q(0.8), s[0], len(s))
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+def n_buffers(nbytes: int, device: torch.device) -> int:
+    """Copies of a call's tensors that together exceed twice the L2 cache (at least 4)."""
+    if device.type != "cuda":
+        return 2
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(4, math.ceil(2 * l2 / max(nbytes, 1)))
+
+
+def rotating(step: Callable, buffers: Sequence[tuple]) -> Callable[[int], None]:
+    """call(i) runs step on buffer set i mod n and keeps its results alive for n calls, so
+    outputs rotate over n allocations too instead of reusing one block that L2 holds."""
+    ring = [None] * len(buffers)
+
+    def call(i: int) -> None:
+        j = i % len(buffers)
+        ring[j] = None
+        ring[j] = step(*buffers[j])
+
+    return call
+
+
+@functools.cache
+def _sleep_cycles_per_ms() -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1000)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return 10_000_000 / start.elapsed_time(end)
+
+
+def measure(call: Callable[[int], None], device: torch.device, *, warmup: int,
+            repeats: int) -> Stats:
+    """Time call(i) for i = 0..repeats-1 after `warmup` untimed calls."""
+    for i in range(warmup):
+        call(i)
+    if device.type != "cuda":
+        times = []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            call(i)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return Stats.of(times)
+    torch.cuda.synchronize(device)
+    host = []
+    for i in range(3):  # enqueue time, measured with an idle GPU
+        t0 = time.perf_counter()
+        call(i)
+        host.append(time.perf_counter() - t0)
+        torch.cuda.synchronize(device)
+    cycles = int((2 * max(host) * 1e3 + 0.05) * _sleep_cycles_per_ms())
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    for i, (start, end) in enumerate(events):
+        torch.cuda._sleep(cycles)
+        start.record()
+        call(i)
+        end.record()
+    torch.cuda.synchronize(device)
+    return Stats.of([start.elapsed_time(end) for start, end in events])

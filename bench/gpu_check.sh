@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One-shot GPU check: build for the local GPU, run every test (GPU ones included), a
+# compute-sanitizer memcheck smoke run, and the default benchmark. Finishes in under
+# 8 minutes on an H100; each step is capped with `timeout` and the whole run with a budget.
+#
+#   bench/gpu_check.sh OUTDIR
+#
+# OUTDIR gets build.log, tests.log, sanitizer.log, bench.log, bench.json and gpu_check.log
+# (everything). A failing step is recorded and the next one still runs; the last line is a
+# one-line summary and the exit status is 0 only when every step passed.
+# Environment: PYTHON (default python), GPU_CHECK_BUDGET_S (default 470).
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+  echo "usage: $0 OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python}
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+
+SUMMARY=()
+FAILED=0
+
+# step NAME CAP_S RESERVE_S CMD...: run CMD for at most CAP_S seconds and never into the
+# last RESERVE_S seconds of the budget (kept for the later steps); output to the screen and
+# OUTDIR/NAME.log; note the outcome in the summary.
+step() {
+  local name=$1 cap=$2 left=$((BUDGET - SECONDS - $3)) rc t0=$SECONDS
+  shift 3
+  local limit=$((cap < left ? cap : left))
+  if ((limit < 15)); then
+    echo "=== $name: skipped, ${left}s of the budget left"
+    SUMMARY+=("$name=no-time")
+    FAILED=1
+    return
+  fi
+  echo "=== $name (limit ${limit}s): $*"
+  set +e
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  local took=$((SECONDS - t0)) outcome=ok
+  if ((rc == 124 || rc == 137)); then
+    outcome="TIMEOUT"
+  elif ((rc != 0)); then
+    outcome="FAIL($rc)"
+  fi
+  [[ $outcome == ok ]] || FAILED=1
+  echo "=== $name: $outcome in ${took}s"
+  SUMMARY+=("$name=$outcome/${took}s")
+}
+
+echo "gpu_check: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv 2>/dev/null || echo "nvidia-smi: not available"
+ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ' || true)
+[[ $ARCH =~ ^[0-9]+\.[0-9]+$ ]] || ARCH=9.0
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'cudnn', torch.backends.cudnn.version(), 'gpu', torch.cuda.is_available())" || true
+
+step build 200 230 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="$ARCH" MOBILENET_EXT_CUDA=1 \
+  "$PY" -m pip install -v --no-build-isolation --no-deps -e .
+
+step tests 150 170 "$PY" -m pytest -q -m "gpu or not gpu" tests/
+
+SANITIZER=$(command -v compute-sanitizer || true)
+TORCH_CUDA_HOME=$("$PY" -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or "")' \
+  2>/dev/null || true)
+for dir in "${CUDA_HOME:-}" "$TORCH_CUDA_HOME" /usr/local/cuda; do
+  if [[ -z $SANITIZER && -n $dir && -x $dir/bin/compute-sanitizer ]]; then
+    SANITIZER=$dir/bin/compute-sanitizer
+  fi
+done
+if [[ -n $SANITIZER ]]; then
+  step sanitizer 90 130 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" -m bench.sanitizer_smoke
+else
+  echo "=== sanitizer: skipped, compute-sanitizer not found (PATH, \$CUDA_HOME/bin)"
+  SUMMARY+=("sanitizer=not-found")
+fi
+
+step bench 240 0 "$PY" -m bench --json "$OUT/bench.json"
+
+echo "gpu_check summary: ${SUMMARY[*]} total ${SECONDS}s -> $OUT"
+exit "$FAILED"

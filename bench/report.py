@@ -1,0 +1,151 @@
+"""Derived numbers, per-mode totals, the on-screen table and the JSON record."""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+
+import torch
+
+import mobilenet_ext
+
+BASELINE = "eager"
+
+
+def finish(rows: list[dict]) -> None:
+    """Fill gbps, pct_copy and speedup (over eager on the same layer and mode) in place."""
+    base = {(r["layer"], r["mode"]): r["stats"]["median"] for r in rows
+            if r["provider"] == BASELINE and r["stats"]}
+    for r in rows:
+        ms = r["stats"]["median"] if r["stats"] else None
+        copy = r.get("copy")
+        r["gbps"] = r["bytes"] / ms / 1e6 if ms else None
+        r["pct_copy"] = 100 * r["gbps"] / copy["gbps"] if ms and copy else None
+        b = base.get((r["layer"], r["mode"]))
+        r["speedup"] = b / ms if ms and b else None
+
+
+def totals(rows: list[dict]) -> list[dict]:
+    """Per mode and provider: the network's time, sum of count x median, over the layers
+    where every provider that ran is ok (the label says so when some layer is left out)."""
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        rs = [r for r in rows if r["mode"] == mode]
+        layers = list(dict.fromkeys(r["layer"] for r in rs))
+        ran = {r["provider"] for r in rs if r["status"] != "skipped"}
+        ok = [lay for lay in layers if all(r["status"] == "ok" for r in rs
+                                           if r["layer"] == lay and r["provider"] in ran)]
+        if not ok:
+            continue
+        label = "TOTAL" if len(ok) == len(layers) else f"TOTAL {len(ok)}/{len(layers)}"
+        for prov in dict.fromkeys(r["provider"] for r in rs if r["provider"] in ran):
+            sel = [r for r in rs if r["provider"] == prov and r["layer"] in ok]
+            ms = sum(r["count"] * r["stats"]["median"] for r in sel)
+            nbytes = sum(r["count"] * r["bytes"] for r in sel)
+            copied = [r["copy"] for r in sel if r.get("copy")]
+            copy = None
+            if len(copied) == len(sel):
+                copy_ms = sum(r["count"] * c["stats"]["median"] for r, c in zip(sel, copied))
+                copy_bytes = sum(r["count"] * c["bytes"] for r, c in zip(sel, copied))
+                copy = {"bytes": copy_bytes, "stats": {"median": copy_ms},
+                        "gbps": copy_bytes / copy_ms / 1e6}
+            out.append({"layer": label, "count": sum(r["count"] for r in sel), "mode": mode,
+                        "provider": prov, "status": "ok", "reason": None, "bytes": nbytes,
+                        "stats": {"median": ms}, "copy": copy, "layers": ok})
+    finish(out)
+    return out
+
+
+def _num(v: float | None, digits: int) -> str:
+    """v with `digits` significant digits and no exponent ("-" for None)."""
+    if v is None:
+        return "-"
+    return f"{v:.{max(0, digits - 1 - math.floor(math.log10(abs(v))) if v else 0)}f}"
+
+
+def render(rows: list[dict], total_rows: list[dict], show_copy: bool) -> str:
+    """A compact table, grouped by mode, each mode closed by its TOTAL rows."""
+    head = ["layer", "n", "mode", "provider", "ms", "GB/s"] + (["%copy"] if show_copy else []) \
+        + ["speedup", "status"]
+    body = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        for r in [r for r in rows if r["mode"] == mode] + \
+                [t for t in total_rows if t["mode"] == mode]:
+            ms = r["stats"]["median"] if r["stats"] else None
+            cells = [r["layer"], str(r["count"]), r["mode"], r["provider"], _num(ms, 4),
+                     _num(r["gbps"], 3)]
+            cells += [_num(r["pct_copy"], 2)] if show_copy else []
+            cells += ["-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+                      r["status"] if r["status"] != "ok" else ""]
+            body.append(cells)
+    widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
+    left = {0, 2, 3, len(head) - 1}
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "-" * len(line(head))
+    return "\n".join([line(head), rule] + [line(c) for c in body])
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        res = subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Where and with what the numbers were taken."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device_type": device.type,
+        "device": _cpu_name(), "sm_count": None, "l2_bytes": None, "capability": None,
+        "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+        "triton": _version("triton"), "torchvision": _version("torchvision"),
+        "mobilenet_ext": mobilenet_ext.__version__,
+        "backends": {k: v._asdict() for k, v in mobilenet_ext.backends().items()},
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(device=p.name, sm_count=p.multi_processor_count, l2_bytes=p.L2_cache_size,
+                   capability=f"{p.major}.{p.minor}", memory_bytes=p.total_memory)
+    return env
+
+
+def write_json(path: str, env: dict, args: dict, rows: list[dict], total_rows: list[dict]):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"schema": 1, "environment": env, "args": args, "rows": rows,
+                   "totals": total_rows}, f, indent=1)
+        f.write("\n")
