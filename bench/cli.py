@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed calls per row (default 100 GPU, 10 CPU)")
     p.add_argument("--warmup", type=int, help="untimed calls before timing")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--backend", choices=[b for b in mobilenet_ext.BACKENDS],
+    p.add_argument("--backend", choices=list(mobilenet_ext.BACKENDS),
                    help="mobilenet_ext backend for 'ours' (default cuda on GPU, cpu on CPU)")
     args = p.parse_args(argv)
     for name in ("batch", "repeats"):
@@ -171,8 +171,8 @@ def _progress(total: int):
 
     def show(row: dict) -> None:
         done[0] += 1
-        st = row["stats"]
-        what = f"{st['median']:.4f} ms  {row['bytes'] / st['median'] / 1e6:.0f} GB/s" if st \
+        ms = row["stats"]["median"] if row["stats"] else None
+        what = f"{report.num(ms, 4)} ms, {report.num(row['bytes'] / ms / 1e6, 3)} GB/s" if ms \
             else f"{row['status']}: {row['reason']}"
         print(f"[{done[0]}/{total}] {row['layer']} {row['mode']} {row['provider']}: {what}",
               file=sys.stderr, flush=True)
@@ -210,9 +210,9 @@ def main(argv=None) -> int:
     total_rows = report.totals(rows)
 
     env = report.environment(cfg.device)
+    timing = "device time (CUDA events), L2 rotated" if cfg.device.type == "cuda" else "wall time"
     print(f"\n{env['device']} | torch {env['torch']} | {args.dtype} {args.layout} batch "
-          f"{cfg.batch} | median of {cfg.repeats}" + (" | device time, L2 rotated"
-                                                       if cfg.device.type == "cuda" else ""))
+          f"{cfg.batch} | median of {cfg.repeats}, {timing}")
     print(report.render(rows, total_rows, show_copy=cfg.device.type == "cuda"))
     bad = [r for r in rows if r["status"] in ("FAILED", "error")]
     for r in bad:

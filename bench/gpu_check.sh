@@ -54,9 +54,12 @@ step() {
   SUMMARY+=("$name=$outcome/${took}s")
 }
 
-echo "gpu_check: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv 2>/dev/null || echo "nvidia-smi: not available"
-ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ' || true)
+echo "gpu_check: $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv 2>/dev/null \
+  || echo "nvidia-smi: not available"
+# build for this GPU only: TORCH_CUDA_ARCH_LIST from its compute capability (9.0 if unknown)
+ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 \
+  | tr -d ' ' || true)
 [[ $ARCH =~ ^[0-9]+\.[0-9]+$ ]] || ARCH=9.0
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'cudnn', torch.backends.cudnn.version(), 'gpu', torch.cuda.is_available())" || true
@@ -64,10 +67,10 @@ ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | he
 step build 200 230 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="$ARCH" MOBILENET_EXT_CUDA=1 \
   "$PY" -m pip install -v --no-build-isolation --no-deps -e .
 
-step tests 150 170 "$PY" -m pytest -q -m "gpu or not gpu" tests/
+step tests 150 170 env MOBILENET_EXT_EXPECT_CUDA=1 "$PY" -m pytest -q -m "gpu or not gpu" tests/
 
 SANITIZER=$(command -v compute-sanitizer || true)
-TORCH_CUDA_HOME=$("$PY" -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or "")' \
+TORCH_CUDA_HOME=$("$PY" -c 'from torch.utils.cpp_extension import CUDA_HOME as h; print(h or "")' \
   2>/dev/null || true)
 for dir in "${CUDA_HOME:-}" "$TORCH_CUDA_HOME" /usr/local/cuda; do
   if [[ -z $SANITIZER && -n $dir && -x $dir/bin/compute-sanitizer ]]; then

@@ -60,7 +60,7 @@ def totals(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _num(v: float | None, digits: int) -> str:
+def num(v: float | None, digits: int) -> str:
     """v with `digits` significant digits and no exponent ("-" for None)."""
     if v is None:
         return "-"
@@ -76,9 +76,9 @@ def render(rows: list[dict], total_rows: list[dict], show_copy: bool) -> str:
         for r in [r for r in rows if r["mode"] == mode] + \
                 [t for t in total_rows if t["mode"] == mode]:
             ms = r["stats"]["median"] if r["stats"] else None
-            cells = [r["layer"], str(r["count"]), r["mode"], r["provider"], _num(ms, 4),
-                     _num(r["gbps"], 3)]
-            cells += [_num(r["pct_copy"], 2)] if show_copy else []
+            cells = [r["layer"], str(r["count"]), r["mode"], r["provider"], num(ms, 4),
+                     num(r["gbps"], 3)]
+            cells += [num(r["pct_copy"], 2)] if show_copy else []
             cells += ["-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
                       r["status"] if r["status"] != "ok" else ""]
             body.append(cells)

@@ -67,6 +67,8 @@ DwGeom dw_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   if (running_mean.has_value()) check_param(*running_mean, "running_mean", x, C);
   if (running_var.has_value()) check_param(*running_var, "running_var", x, C);
   DwGeom g;
+  TORCH_CHECK_VALUE(x.size(2) > 0 && x.size(3) > 0, "x: spatial size must be non-zero, got ",
+                    x.sizes());
   g.N = x.size(0);
   g.C = C;
   g.H = x.size(2);

@@ -69,6 +69,8 @@ def _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, 
     if not 0 <= padding <= dilation * (k - 1):
         raise ValueError(f"padding: must be in [0, dilation*(k-1)] = [0, {dilation * (k - 1)}], "
                          f"got {padding}")
+    if h == 0 or w == 0:
+        raise ValueError(f"x: spatial size must be non-zero, got {tuple(x.shape)}")
     if min(h, w) + 2 * padding < dilation * (k - 1) + 1:
         raise ValueError(f"x: spatial size ({h}, {w}) is smaller than the padded kernel")
     for t, name in ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"),

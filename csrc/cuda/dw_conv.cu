@@ -365,12 +365,21 @@ __global__ void __launch_bounds__(kMaxThreads) dw_bwd_dx_kernel(const DwLaunch p
 
 // ------------------------------------------------------------------ launch
 
+// SM count of the current device, queried once per device.
 int sm_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    return 108;
-  return n;
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev >= kMaxDevices) return 108;
+  if (cache[dev] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      cudaGetLastError();  // clear it: the launches check cudaGetLastError
+      return 108;
+    }
+    cache[dev] = n;
+  }
+  return cache[dev];
 }
 
 dim3 block_dims(bool channels_last) { return channels_last ? dim3(32, 8) : dim3(1, 256); }
