@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MBX_HD __host__ __device__ __forceinline__
@@ -123,6 +124,24 @@ MBX_HD void tap_range(int off, int stride, int in, int out, int* lo, int* hi) {
   int h = (in - 1 - off) >= 0 ? (in - 1 - off) / stride + 1 : 0;
   *lo = l;
   *hi = h < out ? h : out;
+}
+
+}  // namespace mbx
+
+namespace mbx {
+
+// Calls f(std::integral_constant<int, act>) so that act_fwd/act_bwd see a
+// compile-time activation inside hot loops (the CPU benchmark shows the runtime
+// switch per element costs more than the convolution there).
+template <typename F>
+inline void with_act(int act, F&& f) {
+  switch (act) {
+    case kReLU6: f(std::integral_constant<int, kReLU6>()); break;
+    case kReLU: f(std::integral_constant<int, kReLU>()); break;
+    case kHardSwish: f(std::integral_constant<int, kHardSwish>()); break;
+    case kSiLU: f(std::integral_constant<int, kSiLU>()); break;
+    default: f(std::integral_constant<int, kIdentity>()); break;
+  }
 }
 
 }  // namespace mbx

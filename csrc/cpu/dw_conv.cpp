@@ -24,37 +24,75 @@ struct Rows {
   DwGeom g;
   int64_t Cr;  // channels inside a row
   int64_t R;   // number of output rows
+  int lo[8], hi[8];  // output columns [lo[j], hi[j]) whose tap j lies inside the input row
   Rows(const DwGeom& geom) : g(geom) {
     Cr = g.channels_last ? g.C : 1;
     R = (g.channels_last ? g.N : g.N * g.C) * g.Ho;
+    for (int j = 0; j < g.K; ++j)
+      tap_range(off(j), g.stride, static_cast<int>(g.W), static_cast<int>(g.Wo), &lo[j], &hi[j]);
   }
+  int off(int j) const { return j * g.dil - g.pad; }
   // plane = image (channels_last) or (image, channel) (NCHW)
   int64_t plane(int64_t r) const { return r / g.Ho; }
   int64_t ho(int64_t r) const { return r % g.Ho; }
   int64_t c0(int64_t r) const { return g.channels_last ? 0 : plane(r) % g.C; }
   int64_t in_row(int64_t pl, int64_t h) const { return (pl * g.H + h) * g.W * Cr; }
   int64_t out_row(int64_t pl, int64_t h) const { return (pl * g.Ho + h) * g.Wo * Cr; }
+
+  // f(element index, channel offset) over one output row. The NCHW case (Cr == 1)
+  // gets its own flat loop so the compiler vectorises it over w.
+  template <typename F>
+  void each(F&& f) const {
+    if (Cr == 1) {
+      for (int64_t e = 0; e < g.Wo; ++e) f(e, int64_t(0));
+    } else {
+      for (int64_t wo = 0; wo < g.Wo; ++wo)
+        for (int64_t c = 0; c < Cr; ++c) f(wo * Cr + c, c);
+    }
+  }
+  // f(output index, input index, channel offset) over the columns of tap j: the
+  // shared inner loop of the conv, the dweight reduction and the dx scatter.
+  template <typename F>
+  void tap(int j, F&& f) const {
+    const int o = off(j), s = g.stride;
+    if (Cr == 1) {
+      for (int64_t wo = lo[j]; wo < hi[j]; ++wo) f(wo, wo * s + o, int64_t(0));
+    } else {
+      for (int64_t wo = lo[j]; wo < hi[j]; ++wo) {
+        const int64_t eo = wo * Cr, ei = (wo * s + o) * Cr;
+        for (int64_t c = 0; c < Cr; ++c) f(eo + c, ei + c, c);
+      }
+    }
+  }
 };
 
-// acc[wo*Cr + c] = sum over taps of wt[tap*C + c0 + c] * x(hi, wo*s - p + j*d, c)
+// acc[wo*Cr + c] = sum over taps of wt[tap*C + c0 + c] * x(hi, wo*s - p + j*d, c).
+// NCHW (Cr == 1): tap-major, vectorised over w. channels_last: pixel-major, so one
+// pixel's C accumulators stay in L1 across all taps, vectorised over c.
 template <typename T, typename A>
-void conv_row(const Rows& rw, const T* x, const A* wt, int64_t r, A* acc) {
+void conv_row(const Rows& rw, const T* __restrict__ x, const A* __restrict__ wt, int64_t r,
+              A* __restrict__ acc) {
   const DwGeom& g = rw.g;
-  const int64_t Cr = rw.Cr, pl = rw.plane(r), c0 = rw.c0(r);
+  const int64_t pl = rw.plane(r), c0 = rw.c0(r), Cr = rw.Cr;
   const int ho = static_cast<int>(rw.ho(r));
   std::fill(acc, acc + g.Wo * Cr, A(0));
   for (int i = 0; i < g.K; ++i) {
     const int hi = ho * g.stride - g.pad + i * g.dil;
     if (hi < 0 || hi >= g.H) continue;
-    const T* xr = x + rw.in_row(pl, hi);
-    for (int j = 0; j < g.K; ++j) {
-      const int off = j * g.dil - g.pad;
-      int lo, hi_w;
-      tap_range(off, g.stride, static_cast<int>(g.W), static_cast<int>(g.Wo), &lo, &hi_w);
-      const A* wp = wt + (i * g.K + j) * g.C + c0;
-      for (int wo = lo; wo < hi_w; ++wo) {
-        const T* xp = xr + (int64_t(wo) * g.stride + off) * Cr;
-        A* ap = acc + int64_t(wo) * Cr;
+    const T* __restrict__ xr = x + rw.in_row(pl, hi);
+    if (Cr == 1) {
+      for (int j = 0; j < g.K; ++j) {
+        const A wv = wt[(i * g.K + j) * g.C + c0];
+        rw.tap(j, [&](int64_t eo, int64_t ei, int64_t) { acc[eo] += wv * static_cast<A>(xr[ei]); });
+      }
+      continue;
+    }
+    for (int64_t wo = 0; wo < g.Wo; ++wo) {
+      A* __restrict__ ap = acc + wo * Cr;
+      for (int j = 0; j < g.K; ++j) {
+        if (wo < rw.lo[j] || wo >= rw.hi[j]) continue;
+        const T* __restrict__ xp = xr + (wo * g.stride + rw.off(j)) * Cr;
+        const A* __restrict__ wp = wt + (i * g.K + j) * g.C;
         for (int64_t c = 0; c < Cr; ++c) ap[c] += wp[c] * static_cast<A>(xp[c]);
       }
     }
@@ -90,21 +128,19 @@ void dw_fwd_cpu_impl(const Rows& rw, const at::Tensor& x, const at::Tensor& wt, 
     const int nt = at::get_num_threads();
     std::vector<Welford<A>> part(int64_t(nt) * g.C);
     at::parallel_for(0, rw.R, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> acc(row_len), rsum(rw.Cr);
+      std::vector<A> acc(row_len), rsum(rw.Cr), rm2(rw.Cr);
       Welford<A>* mine = part.data() + int64_t(at::get_thread_num()) * g.C;
       for (int64_t r = begin; r < end; ++r) {
         conv_row<T, A>(rw, xp, wp, r, acc.data());
         // exact two-pass mean / M2 of the row, then Chan-merge into this thread's partial
         std::fill(rsum.begin(), rsum.end(), A(0));
-        for (int64_t wo = 0; wo < g.Wo; ++wo)
-          for (int64_t c = 0; c < rw.Cr; ++c) rsum[c] += acc[wo * rw.Cr + c];
+        std::fill(rm2.begin(), rm2.end(), A(0));
+        rw.each([&](int64_t e, int64_t c) { rsum[c] += acc[e]; });
         for (int64_t c = 0; c < rw.Cr; ++c) rsum[c] /= A(g.Wo);
-        std::vector<A> rm2(rw.Cr, A(0));
-        for (int64_t wo = 0; wo < g.Wo; ++wo)
-          for (int64_t c = 0; c < rw.Cr; ++c) {
-            A d = acc[wo * rw.Cr + c] - rsum[c];
-            rm2[c] += d * d;
-          }
+        rw.each([&](int64_t e, int64_t c) {
+          const A d = acc[e] - rsum[c];
+          rm2[c] += d * d;
+        });
         const int64_t c0 = rw.c0(r);
         for (int64_t c = 0; c < rw.Cr; ++c) mine[c0 + c].merge(rsum[c], rm2[c], A(g.Wo));
       }
@@ -126,18 +162,19 @@ void dw_fwd_cpu_impl(const Rows& rw, const at::Tensor& x, const at::Tensor& wt, 
   const A* sc = scale.const_data_ptr<A>();
   const A* sh = shift.const_data_ptr<A>();
   T* yp = y.data_ptr<T>();
-  at::parallel_for(0, rw.R, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc(row_len);
-    for (int64_t r = begin; r < end; ++r) {
-      conv_row<T, A>(rw, xp, wp, r, acc.data());
-      const int64_t c0 = rw.c0(r);
-      T* yr = yp + r * row_len;
-      for (int64_t wo = 0; wo < g.Wo; ++wo)
-        for (int64_t c = 0; c < rw.Cr; ++c) {
-          const int64_t e = wo * rw.Cr + c;
-          yr[e] = static_cast<T>(act_fwd<A>(g.act, acc[e] * sc[c0 + c] + sh[c0 + c]));
-        }
-    }
+  with_act(g.act, [&](auto act) {
+    at::parallel_for(0, rw.R, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> acc(row_len);
+      for (int64_t r = begin; r < end; ++r) {
+        conv_row<T, A>(rw, xp, wp, r, acc.data());
+        const A* __restrict__ scr = sc + rw.c0(r);
+        const A* __restrict__ shr = sh + rw.c0(r);
+        T* __restrict__ yr = yp + r * row_len;
+        rw.each([&](int64_t e, int64_t c) {
+          yr[e] = static_cast<T>(act_fwd<A>(act, acc[e] * scr[c] + shr[c]));
+        });
+      }
+    });
   });
 }
 
@@ -218,7 +255,7 @@ void dw_bwd_cpu_impl(const Rows& rw, const at::Tensor& dy, const at::Tensor& x,
   };
 
   // pass 1 (training) or 1+2 (eval)
-  auto row_pass = [&](bool want_sums, bool want_dc) {
+  auto row_pass = [&](bool want_sums, bool want_dc, auto act) {
     at::parallel_for(0, rw.R, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> acc(row_len);
       const int tid = at::get_thread_num();
@@ -228,19 +265,18 @@ void dw_bwd_cpu_impl(const Rows& rw, const at::Tensor& dy, const at::Tensor& x,
       for (int64_t r = begin; r < end; ++r) {
         conv_row<T, A>(rw, xp, wp, r, acc.data());
         const int64_t c0 = rw.c0(r);
-        const T* dyr = dyp + r * row_len;
-        A* dcr = dcp + r * row_len;
-        for (int64_t wo = 0; wo < g.Wo; ++wo)
-          for (int64_t c = 0; c < rw.Cr; ++c) {
-            const int64_t e = wo * rw.Cr + c, ch = c0 + c;
-            const A cv = acc[e];
-            const A dz = act_bwd<A>(g.act, cv * sc[ch] + sh[ch], static_cast<A>(dyr[e]));
-            if (want_sums) {
-              s_dz[ch] += dz;
-              s_dzx[ch] += dz * (cv - mp[ch]);
-            }
-            if (want_dc) dcr[e] = coef[ch](dz, cv);
+        const T* __restrict__ dyr = dyp + r * row_len;
+        A* __restrict__ dcr = dcp + r * row_len;
+        rw.each([&](int64_t e, int64_t c) {
+          const int64_t ch = c0 + c;
+          const A cv = acc[e];
+          const A dz = act_bwd<A>(act, cv * sc[ch] + sh[ch], static_cast<A>(dyr[e]));
+          if (want_sums) {
+            s_dz[ch] += dz;
+            s_dzx[ch] += dz * (cv - mp[ch]);
           }
+          if (want_dc) dcr[e] = coef[ch](dz, cv);
+        });
         if (!want_dc) continue;
         // dweight: sum over outputs of dc * x at each tap
         const int64_t pl = rw.plane(r);
@@ -248,31 +284,28 @@ void dw_bwd_cpu_impl(const Rows& rw, const at::Tensor& dy, const at::Tensor& x,
         for (int i = 0; i < g.K; ++i) {
           const int hi = ho * g.stride - g.pad + i * g.dil;
           if (hi < 0 || hi >= g.H) continue;
-          const T* xr = xp + rw.in_row(pl, hi);
+          const T* __restrict__ xr = xp + rw.in_row(pl, hi);
           for (int j = 0; j < g.K; ++j) {
-            const int off = j * g.dil - g.pad;
-            int lo, hw;
-            tap_range(off, g.stride, static_cast<int>(g.W), static_cast<int>(g.Wo), &lo, &hw);
-            A* dwr = dwt + (i * g.K + j) * g.C + c0;
-            for (int wo = lo; wo < hw; ++wo) {
-              const T* xq = xr + (int64_t(wo) * g.stride + off) * rw.Cr;
-              const A* dq = dcr + int64_t(wo) * rw.Cr;
-              for (int64_t c = 0; c < rw.Cr; ++c) dwr[c] += dq[c] * static_cast<A>(xq[c]);
-            }
+            A* __restrict__ dwr = dwt + (i * g.K + j) * g.C + c0;
+            rw.tap(j, [&](int64_t eo, int64_t ei, int64_t c) {
+              dwr[c] += dcr[eo] * static_cast<A>(xr[ei]);
+            });
           }
         }
       }
     });
   };
-  if (training) {
-    row_pass(true, false);
-    make_coef();
-    row_pass(false, true);
-  } else {
-    make_coef();  // eval: coefficients need only gamma and invstd
-    row_pass(true, true);
-    make_coef();  // now with the sums, for dgamma / dbeta
-  }
+  with_act(g.act, [&](auto act) {
+    if (training) {
+      row_pass(true, false, act);
+      make_coef();
+      row_pass(false, true, act);
+    } else {
+      make_coef();  // eval: coefficients need only gamma and invstd
+      row_pass(true, true, act);
+      make_coef();  // now with the sums, for dgamma / dbeta
+    }
+  });
   A* dwo = dw_taps.data_ptr<A>();
   for (int64_t e = 0; e < int64_t(KK) * g.C; ++e) {
     A s = 0;
@@ -296,17 +329,11 @@ void dw_bwd_cpu_impl(const Rows& rw, const at::Tensor& dy, const at::Tensor& x,
         if (num < 0 || num % g.stride != 0) continue;
         const int ho = num / g.stride;
         if (ho >= g.Ho) continue;
-        const A* dcr = dcp + rw.out_row(pl, ho);
+        const A* __restrict__ dcr = dcp + rw.out_row(pl, ho);
+        A* __restrict__ ap = acc.data();
         for (int j = 0; j < g.K; ++j) {
-          const int off = j * g.dil - g.pad;
-          int lo, hw;
-          tap_range(off, g.stride, static_cast<int>(g.W), static_cast<int>(g.Wo), &lo, &hw);
-          const A* wq = wp + (i * g.K + j) * g.C + c0;
-          for (int wo = lo; wo < hw; ++wo) {
-            A* aq = acc.data() + (int64_t(wo) * g.stride + off) * rw.Cr;
-            const A* dq = dcr + int64_t(wo) * rw.Cr;
-            for (int64_t c = 0; c < rw.Cr; ++c) aq[c] += wq[c] * dq[c];
-          }
+          const A* __restrict__ wq = wp + (i * g.K + j) * g.C + c0;
+          rw.tap(j, [&](int64_t eo, int64_t ei, int64_t c) { ap[ei] += wq[c] * dcr[eo]; });
         }
       }
       T* dxr = dxp + q * in_len;
