@@ -27,4 +27,14 @@ TORCH_LIBRARY(mobilenet_ext, m) {
       "dw_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
       "Tensor mean, Tensor invstd, int stride, int padding, int dilation, bool training, "
       "str act) -> (Tensor, Tensor, Tensor, Tensor)");
+  // y = act(BN(conv1x1(x))) + residual. Same statistics outputs as dw_fwd.
+  m.def(
+      "pw_fwd(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor? running_mean, "
+      "Tensor? running_var, Tensor? residual, bool training, float eps, str act) -> "
+      "(Tensor, Tensor, Tensor)");
+  // Gradients of pw_fwd's y w.r.t. (x, weight, bn_weight, bn_bias); the residual's
+  // gradient is grad_y itself (added after the activation).
+  m.def(
+      "pw_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor mean, Tensor invstd, bool training, str act) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -29,10 +29,9 @@ def _conv_out(size: int, k: int, stride: int, padding: int, dilation: int) -> in
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
-def _check_param(t, name, x):
+def _check_param(t, name, x, c):
     if t is None:
         return
-    c = x.shape[1]
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != c:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{name}: expected shape ({c},) to match the channels of x, got {shape}")
@@ -43,20 +42,45 @@ def _check_param(t, name, x):
                          f"dtype {x.dtype}, got {t.dtype}")
 
 
-def _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-              dilation, training, momentum, act):
+def _check_x_weight(x, weight):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x: expected a 4-D (N, C, H, W) tensor, got "
                          f"{x.dim() if isinstance(x, torch.Tensor) else type(x).__name__}-D")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x: expected a floating dtype (float64/32/16, bfloat16), got {x.dtype}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError("weight: expected a 4-D tensor")
     if weight.dtype != x.dtype:
         raise ValueError(f"weight: expected dtype {x.dtype} like x, got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"weight: expected device {x.device} like x, got {weight.device}")
+
+
+def _check_bn_act(x, c_out, out_count, bn_weight, bn_bias, running_mean, running_var, training,
+                  momentum, act):
+    """Checks shared by both ops: BN parameters of c_out channels, act, training batch."""
+    for t, name in ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"),
+                    (running_mean, "running_mean"), (running_var, "running_var")):
+        _check_param(t, name, x, c_out)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act: unknown activation {act!r}; expected one of "
+                         f"{', '.join(ACTIVATIONS)}")
+    if training:
+        if out_count <= 1:
+            raise ValueError(f"x: expected more than 1 value per channel when training, got "
+                             f"{out_count} (input shape {tuple(x.shape)})")
+        if momentum is None:
+            raise ValueError("momentum: None (cumulative average) needs num_batches_tracked; "
+                             "pass momentum=1/num_batches_tracked, as nn.BatchNorm2d does")
+    elif running_mean is None or running_var is None:
+        raise ValueError("running_mean/running_var: required when training=False")
+
+
+def _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+              dilation, training, momentum, act):
+    _check_x_weight(x, weight)
     n, c, h, w = x.shape
-    if weight.dim() != 4 or weight.shape[0] != c or weight.shape[1] != 1 or \
-            weight.shape[2] != weight.shape[3]:
+    if weight.shape[0] != c or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"weight: expected shape ({c}, 1, k, k) for a depthwise conv of x with "
                          f"{c} channels, got {tuple(weight.shape)}")
     k = weight.shape[-1]
@@ -73,23 +97,32 @@ def _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, 
         raise ValueError(f"x: spatial size must be non-zero, got {tuple(x.shape)}")
     if min(h, w) + 2 * padding < dilation * (k - 1) + 1:
         raise ValueError(f"x: spatial size ({h}, {w}) is smaller than the padded kernel")
-    for t, name in ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"),
-                    (running_mean, "running_mean"), (running_var, "running_var")):
-        _check_param(t, name, x)
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act: unknown activation {act!r}; expected one of "
-                         f"{', '.join(ACTIVATIONS)}")
-    if training:
-        count = n * _conv_out(h, k, stride, padding, dilation) * \
-            _conv_out(w, k, stride, padding, dilation)
-        if count <= 1:
-            raise ValueError(f"x: expected more than 1 value per channel when training, got "
-                             f"{count} (input shape {tuple(x.shape)})")
-        if momentum is None:
-            raise ValueError("momentum: None (cumulative average) needs num_batches_tracked; "
-                             "pass momentum=1/num_batches_tracked, as nn.BatchNorm2d does")
-    elif running_mean is None or running_var is None:
-        raise ValueError("running_mean/running_var: required when training=False")
+    count = n * _conv_out(h, k, stride, padding, dilation) * \
+        _conv_out(w, k, stride, padding, dilation)
+    _check_bn_act(x, c, count, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                  act)
+
+
+def _check_pw(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training,
+              momentum, act):
+    _check_x_weight(x, weight)
+    n, c, h, w = x.shape
+    if weight.shape[1] != c or weight.shape[2] != 1 or weight.shape[3] != 1:
+        raise ValueError(f"weight: expected shape (Cout, {c}, 1, 1) for a 1x1 conv of x with {c} "
+                         f"channels, got {tuple(weight.shape)}")
+    c_out = weight.shape[0]
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or residual.shape != (n, c_out, h, w):
+            shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else residual
+            raise ValueError(f"residual: expected shape {(n, c_out, h, w)} like the output, "
+                             f"got {shape}")
+        if residual.dtype != x.dtype:
+            raise ValueError(f"residual: expected dtype {x.dtype} like x, got {residual.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"residual: expected device {x.device} like x, got "
+                             f"{residual.device}")
+    _check_bn_act(x, c_out, n * h * w, bn_weight, bn_bias, running_mean, running_var, training,
+                  momentum, act)
 
 
 @torch.no_grad()
@@ -100,6 +133,21 @@ def _update_running(running_mean, running_var, mean, invstd, eps, count, momentu
         running_mean.lerp_(mean.to(running_mean.dtype), momentum)
     if running_var is not None:
         running_var.lerp_(var.to(running_var.dtype), momentum)
+
+
+def _run_fused(fwd, x, c_out, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+               eps, args):
+    """Calls a registered fused op and updates the running buffers from its statistics."""
+    if bn_weight is None:
+        bn_weight = torch.ones(c_out, dtype=_acc_dtype(x.dtype), device=x.device)
+    if bn_bias is None:
+        bn_bias = torch.zeros(c_out, dtype=_acc_dtype(x.dtype), device=x.device)
+    y, mean, invstd = fwd(x.contiguous(memory_format=_memory_format(x)), args[0], bn_weight,
+                          bn_bias, running_mean, running_var, *args[1:])
+    if training:
+        count = y.shape[0] * y.shape[2] * y.shape[3]
+        _update_running(running_mean, running_var, mean, invstd, eps, count, momentum)
+    return y
 
 
 def dw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1,
@@ -117,25 +165,34 @@ def dw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
         padding = reference.default_padding(weight.shape[-1], dilation)
     _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
               dilation, training, momentum, act)
-    backend = _backend.pick(x)
-    if backend == "reference":
+    if _backend.pick(x) == "reference":
         return reference.dw_conv_bn_act(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
             padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
             act=act)
-    c = x.shape[1]
-    if bn_weight is None:
-        bn_weight = torch.ones(c, dtype=_acc_dtype(x.dtype), device=x.device)
-    if bn_bias is None:
-        bn_bias = torch.zeros(c, dtype=_acc_dtype(x.dtype), device=x.device)
-    x = x.contiguous(memory_format=_memory_format(x))
-    y, mean, invstd = torch.ops.mobilenet_ext.dw_fwd(
-        x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
-        training, eps, act)
-    if training:
-        count = y.shape[0] * y.shape[2] * y.shape[3]
-        _update_running(running_mean, running_var, mean, invstd, eps, count, momentum)
-    return y
+    return _run_fused(torch.ops.mobilenet_ext.dw_fwd, x, x.shape[1], bn_weight, bn_bias,
+                      running_mean, running_var, training, momentum, eps,
+                      (weight, stride, padding, dilation, training, eps, act))
+
+
+def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, residual=None,
+                   training=False, momentum=0.1, eps=1e-5, act="relu6"):
+    """Fused pointwise (1x1) conv + BatchNorm + activation (+ residual).
+
+    x (N, Cin, H, W), weight (Cout, Cin, 1, 1); y = act(BN(conv1x1(x))) + residual,
+    residual (N, Cout, H, W) or None. MobileNetV2's linear bottleneck is
+    act="identity" with the block input as residual. BN handling as in
+    `dw_conv_bn_act`. Returns y in x's memory format.
+    """
+    _check_pw(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training,
+              momentum, act)
+    if _backend.pick(x) == "reference":
+        return reference.pw_conv_bn_act(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, residual=residual,
+            training=training, momentum=momentum, eps=eps, act=act)
+    return _run_fused(torch.ops.mobilenet_ext.pw_fwd, x, weight.shape[0], bn_weight, bn_bias,
+                      running_mean, running_var, training, momentum, eps,
+                      (weight, residual, training, eps, act))
 
 
 # ---------------------------------------------------------------- registration
@@ -177,9 +234,45 @@ def _register():
 
     def _no_double_backward(ctx, *grads):
         raise RuntimeError("mobilenet_ext: double backward (grad of a grad) is not supported "
-                           "by dw_conv_bn_act; use the 'reference' backend for it")
+                           "by the fused ops; use the 'reference' backend for it")
 
     torch.library.register_autograd("mobilenet_ext::dw_bwd", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+    @torch.library.register_fake("mobilenet_ext::pw_fwd")
+    def _pw_fwd_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+                     training, eps, act):
+        n, _, h, w = x.shape
+        c = weight.shape[0]
+        y = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device,
+                        memory_format=_memory_format(x))
+        acc = _acc_dtype(x.dtype)
+        return y, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+    @torch.library.register_fake("mobilenet_ext::pw_bwd")
+    def _pw_bwd_fake(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, training, act):
+        return (torch.empty_like(x, memory_format=_memory_format(x)), weight.new_empty(weight.shape),
+                bn_weight.new_empty(bn_weight.shape), bn_bias.new_empty(bn_bias.shape))
+
+    def _pw_setup(ctx, inputs, output):
+        x, weight, bn_weight, bn_bias, _, _, residual, training, _, act = inputs
+        _, mean, invstd = output
+        ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd)
+        ctx.cfg = (training, act)
+        ctx.has_residual = residual is not None
+
+    def _pw_backward(ctx, grad_y, _grad_mean, _grad_invstd):
+        x, weight, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
+        if grad_y is None:
+            return (None,) * 10
+        dx, dw, dg, db = torch.ops.mobilenet_ext.pw_bwd(
+            grad_y, x, weight, bn_weight, bn_bias, mean, invstd, *ctx.cfg)
+        # the residual is added after the activation: its gradient is grad_y
+        dres = grad_y if ctx.has_residual else None
+        return dx, dw, dg, db, None, None, dres, None, None, None
+
+    torch.library.register_autograd("mobilenet_ext::pw_fwd", _pw_backward, setup_context=_pw_setup)
+    torch.library.register_autograd("mobilenet_ext::pw_bwd", _no_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
 
 

@@ -48,13 +48,41 @@ def dw_fwd(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, pad
     Statistics in float64 for float64 input, float32 otherwise; the running buffers
     are not touched (the op is functional).
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     conv = F.conv2d(x, weight, None, stride, padding, dilation, groups=x.shape[1])
+    y, mean, invstd = _bn_act(conv, bn_weight, bn_bias, running_mean, running_var, training, eps,
+                              act)
+    return y.to(x.dtype), mean, invstd
+
+
+def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, residual=None,
+                   training=False, momentum=0.1, eps=1e-5, act="relu6"):
+    """act(BatchNorm(conv1x1(x))) + residual; updates the running buffers when training."""
+    y = F.conv2d(x, weight)
+    y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    y = activation(y, act)
+    return y if residual is None else y + residual
+
+
+def pw_fwd(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training, eps,
+           act):
+    """Reference of the registered op `mobilenet_ext::pw_fwd`: (y, mean, invstd)."""
+    conv = F.conv2d(x, weight)
+    y, mean, invstd = _bn_act(conv, bn_weight, bn_bias, running_mean, running_var, training, eps,
+                              act)
+    if residual is not None:
+        y = y + residual
+    return y.to(x.dtype), mean, invstd
+
+
+def _bn_act(conv, bn_weight, bn_bias, running_mean, running_var, training, eps, act):
+    """act(BN(conv)) in the accumulation dtype, and the statistics it used."""
+    acc = torch.float64 if conv.dtype == torch.float64 else torch.float32
+    c = conv.to(acc)
     if training:
-        var, mean = torch.var_mean(conv.to(acc), dim=(0, 2, 3), unbiased=False)
+        var, mean = torch.var_mean(c, dim=(0, 2, 3), unbiased=False)
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
     invstd = torch.rsqrt(var + eps)
-    z = (conv.to(acc) - mean[:, None, None]) * (invstd * bn_weight.to(acc))[:, None, None]
+    z = (c - mean[:, None, None]) * (invstd * bn_weight.to(acc))[:, None, None]
     z = z + bn_bias.to(acc)[:, None, None]
-    return activation(z, act).to(x.dtype), mean, invstd
+    return activation(z, act), mean, invstd

@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../dw_conv.h"
+#include "../host.h"
 #include "dw_conv_launch.h"
 
 namespace mbx {
@@ -105,13 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bwd_cuda(
   DwGeom g = dw_check(x_, weight, bn_weight, bn_bias, mean_, invstd_, stride, padding, dilation,
                       false, act);
   const auto acc = acc_type(x_.scalar_type());
-  TORCH_CHECK_VALUE(mean_.scalar_type() == acc && invstd_.scalar_type() == acc,
-                    "mean/invstd: expected dtype ", acc, " (the statistics dw_fwd returns)");
-  TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}),
-                    "grad_y: expected shape ", at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}), ", got ",
-                    grad_y.sizes());
-  TORCH_CHECK_VALUE(grad_y.scalar_type() == x_.scalar_type() && grad_y.device() == x_.device(),
-                    "grad_y: expected dtype ", x_.scalar_type(), " on ", x_.device());
+  check_bwd_args(grad_y, x_, mean_, invstd_, {g.N, g.C, g.Ho, g.Wo});
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(g.format());
   auto w = weight.contiguous();

@@ -1,7 +1,9 @@
-#include "dw_conv.h"
+#include "host.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+
+#include <vector>
 
 #include "common.h"
 
@@ -34,18 +36,46 @@ static void check_param(const at::Tensor& t, const char* name, const at::Tensor&
                     " for x of dtype ", x.scalar_type(), ", got ", t.scalar_type());
 }
 
-DwGeom dw_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
-                const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
-                const c10::optional<at::Tensor>& running_var, int64_t stride, int64_t padding,
-                int64_t dilation, bool training, c10::string_view act) {
+static void check_x(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-D (N, C, H, W) tensor, got ", x.dim(), "-D");
   auto st = x.scalar_type();
   TORCH_CHECK_VALUE(st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
                     "x: expected a floating dtype (float64/32/16, bfloat16), got ", st);
-  TORCH_CHECK_VALUE(weight.scalar_type() == st, "weight: expected dtype ", st,
-                    " like x, got ", weight.scalar_type());
+}
+
+static void check_weight_like_x(const at::Tensor& weight, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), "weight: expected dtype ",
+                    x.scalar_type(), " like x, got ", weight.scalar_type());
   TORCH_CHECK_VALUE(weight.device() == x.device(), "weight: expected device ", x.device(),
                     " like x, got ", weight.device());
+}
+
+static void check_bn(const at::Tensor& x, int64_t C, const at::Tensor& bn_weight,
+                     const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
+                     const c10::optional<at::Tensor>& running_var, bool training) {
+  check_param(bn_weight, "bn_weight", x, C);
+  check_param(bn_bias, "bn_bias", x, C);
+  if (!training) {
+    TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value(),
+                      "running_mean/running_var: required when training=False");
+  }
+  if (running_mean.has_value()) check_param(*running_mean, "running_mean", x, C);
+  if (running_var.has_value()) check_param(*running_var, "running_var", x, C);
+}
+
+static void check_count(bool training, int64_t count, at::IntArrayRef y_sizes) {
+  if (training) {
+    TORCH_CHECK_VALUE(count > 1, "x: expected more than 1 value per channel when training, "
+                      "got output size ", y_sizes);
+  }
+}
+
+DwGeom dw_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+                const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
+                const c10::optional<at::Tensor>& running_var, int64_t stride, int64_t padding,
+                int64_t dilation, bool training, c10::string_view act) {
+  check_x(x);
+  check_weight_like_x(weight, x);
   const int64_t C = x.size(1);
   TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 &&
                         weight.size(2) == weight.size(3),
@@ -58,14 +88,7 @@ DwGeom dw_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   TORCH_CHECK_VALUE(padding >= 0 && padding <= dilation * (K - 1),
                     "padding: must be in [0, dilation*(k-1)] = [0, ", dilation * (K - 1), "], got ",
                     padding);
-  check_param(bn_weight, "bn_weight", x, C);
-  check_param(bn_bias, "bn_bias", x, C);
-  if (!training) {
-    TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value(),
-                      "running_mean/running_var: required when training=False");
-  }
-  if (running_mean.has_value()) check_param(*running_mean, "running_mean", x, C);
-  if (running_var.has_value()) check_param(*running_var, "running_var", x, C);
+  check_bn(x, C, bn_weight, bn_bias, running_mean, running_var, training);
   DwGeom g;
   TORCH_CHECK_VALUE(x.size(2) > 0 && x.size(3) > 0, "x: spatial size must be non-zero, got ",
                     x.sizes());
@@ -84,14 +107,56 @@ DwGeom dw_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   g.Wo = conv_out_size(g.W, g.K, g.stride, g.pad, g.dil);
   g.act = parse_act(act);
   g.channels_last = is_channels_last(x);
-  if (training) {
-    TORCH_CHECK_VALUE(g.N * g.Ho * g.Wo > 1,
-                      "x: expected more than 1 value per channel when training, got output size ",
-                      at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}));
-  }
+  check_count(training, g.N * g.Ho * g.Wo, {g.N, g.C, g.Ho, g.Wo});
   TORCH_CHECK_VALUE(g.C * g.H * g.W < (int64_t(1) << 31) && g.C * g.Ho * g.Wo < (int64_t(1) << 31),
                     "x: one image must have fewer than 2^31 elements");
   return g;
+}
+
+PwGeom pw_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+                const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
+                const c10::optional<at::Tensor>& running_var,
+                const c10::optional<at::Tensor>& residual, bool training, c10::string_view act) {
+  check_x(x);
+  check_weight_like_x(weight, x);
+  const int64_t Cin = x.size(1);
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == Cin && weight.size(2) == 1 &&
+                        weight.size(3) == 1,
+                    "weight: expected shape (Cout, ", Cin, ", 1, 1) for a 1x1 conv of x with ", Cin,
+                    " channels, got ", weight.sizes());
+  PwGeom g;
+  g.N = x.size(0);
+  g.Cin = Cin;
+  g.Cout = weight.size(0);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.act = parse_act(act);
+  g.channels_last = is_channels_last(x);
+  check_bn(x, g.Cout, bn_weight, bn_bias, running_mean, running_var, training);
+  const std::vector<int64_t> y_sizes = {g.N, g.Cout, g.H, g.W};
+  if (residual.has_value()) {
+    const auto& r = *residual;
+    TORCH_CHECK_VALUE(r.sizes() == at::IntArrayRef(y_sizes), "residual: expected shape ",
+                      at::IntArrayRef(y_sizes), " like the output, got ", r.sizes());
+    TORCH_CHECK_VALUE(r.scalar_type() == x.scalar_type(), "residual: expected dtype ",
+                      x.scalar_type(), " like x, got ", r.scalar_type());
+    TORCH_CHECK_VALUE(r.device() == x.device(), "residual: expected device ", x.device(),
+                      " like x, got ", r.device());
+  }
+  check_count(training, g.N * g.H * g.W, y_sizes);
+  return g;
+}
+
+void check_bwd_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                    const at::Tensor& invstd, at::IntArrayRef y_sizes) {
+  const auto acc = acc_type(x.scalar_type());
+  TORCH_CHECK_VALUE(mean.scalar_type() == acc && invstd.scalar_type() == acc,
+                    "mean/invstd: expected dtype ", acc, " (the statistics the forward returns)");
+  TORCH_CHECK_VALUE(grad_y.sizes() == y_sizes, "grad_y: expected shape ", y_sizes, ", got ",
+                    grad_y.sizes());
+  TORCH_CHECK_VALUE(grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
+                    "grad_y: expected dtype ", x.scalar_type(), " on ", x.device(), ", got ",
+                    grad_y.scalar_type(), " on ", grad_y.device());
 }
 
 std::tuple<at::Tensor, at::Tensor> eval_stats(const at::Tensor& running_mean,

@@ -1,6 +1,6 @@
-// Host-side contract of the depthwise op shared by the CPU and CUDA
-// implementations: argument checks (done once, before any launch), layout,
-// and the per-channel BatchNorm folding.
+// Host-side contract of the ops shared by the CPU and CUDA implementations:
+// argument checks (done once, before any launch), layout, and the per-channel
+// BatchNorm folding.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -44,5 +44,25 @@ std::tuple<at::Tensor, at::Tensor> fold_bn(const at::Tensor& bn_weight, const at
                                            const at::Tensor& mean, const at::Tensor& invstd);
 
 at::ScalarType acc_type(at::ScalarType t);
+
+// Checks of the backward ops' extra arguments: grad_y of shape y_sizes in x's
+// dtype and device, and (mean, invstd) in the accumulation dtype.
+void check_bwd_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                    const at::Tensor& invstd, at::IntArrayRef y_sizes);
+
+struct PwGeom {
+  int64_t N, Cin, Cout, H, W;
+  int act;
+  bool channels_last;
+  at::MemoryFormat format() const {
+    return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
+};
+
+// Checks every argument of pw_fwd (residual may be absent) and returns the geometry.
+PwGeom pw_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+                const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
+                const c10::optional<at::Tensor>& running_var,
+                const c10::optional<at::Tensor>& residual, bool training, c10::string_view act);
 
 }  // namespace mbx

@@ -1,0 +1,128 @@
+// CPU kernels of the fused pointwise (1x1) conv + BatchNorm + activation
+// (+ residual). The 1x1 conv is a GEMM (ATen's, i.e. MKL/oneDNN) computed in the
+// accumulation dtype straight into the layout of y: channels_last is
+// [N*H*W, Cin] x [Cin, Cout], NCHW is [Cout, Cin] x [Cin, H*W] per image, so
+// neither layout is converted. The shared epilogue (epilogue.h) then does the
+// BatchNorm, activation, residual and cast in one pass.
+//
+// Backward recomputes the conv output with one more GEMM instead of saving it:
+// the saved state stays x, weight and two per-channel vectors (eager PyTorch
+// keeps the conv output and the BN output), at the cost of a third of the
+// backward's GEMM flops.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "../host.h"
+#include "epilogue.h"
+
+namespace mbx {
+namespace {
+
+// x viewed as the GEMM operand, in the accumulation dtype: [N*H*W, Cin] for
+// channels_last, [N, Cin, H*W] for NCHW (views; a copy only to convert dtype).
+at::Tensor x_operand(const PwGeom& g, const at::Tensor& x, at::ScalarType acc) {
+  auto xa = x.to(acc);
+  return g.channels_last ? xa.permute({0, 2, 3, 1}).reshape({-1, g.Cin})
+                         : xa.reshape({g.N, g.Cin, g.H * g.W});
+}
+
+// conv output in the accumulation dtype, laid out like y (rows of OutRows).
+at::Tensor conv_gemm(const PwGeom& g, const at::Tensor& xop, const at::Tensor& w2) {
+  return g.channels_last ? at::mm(xop, w2.t()) : at::matmul(w2, xop);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cpu(
+    const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual,
+    bool training, double eps, c10::string_view act) {
+  PwGeom g = pw_check(x_, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+                      training, act);
+  const auto acc = acc_type(x_.scalar_type());
+  auto x = x_.contiguous(g.format());
+  auto y = at::empty({g.N, g.Cout, g.H, g.W}, x.options().memory_format(g.format()));
+  at::Tensor mean, invstd;
+  if (training) {
+    mean = at::empty({g.Cout}, x.options().dtype(acc));
+    invstd = at::empty({g.Cout}, x.options().dtype(acc));
+  } else {
+    std::tie(mean, invstd) = eval_stats(*running_mean, *running_var, eps, acc);
+  }
+  if (y.numel() == 0) return {y, mean, invstd};
+  auto w2 = weight.reshape({g.Cout, g.Cin}).to(acc);
+  auto conv = conv_gemm(g, x_operand(g, x, acc), w2).contiguous();
+  at::Tensor res;
+  if (residual.has_value()) res = residual->contiguous(g.format());
+  OutRows rw(g.N, g.Cout, g.H, g.W, g.channels_last);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pw_fwd_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const A* cp = conv.const_data_ptr<A>();
+    auto row = [&](int64_t r, A*) -> const A* { return cp + r * rw.row_len; };
+    if (training) batch_stats<A>(rw, row, eps, mean.data_ptr<A>(), invstd.data_ptr<A>());
+    at::Tensor scale, shift;
+    std::tie(scale, shift) = fold_bn(bn_weight, bn_bias, mean, invstd);
+    apply_rows<scalar_t, A>(rw, row, g.act, scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
+                            res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
+                            y.data_ptr<scalar_t>());
+  });
+  return {y, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x_, const at::Tensor& weight,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean_,
+    const at::Tensor& invstd_, bool training, c10::string_view act) {
+  PwGeom g = pw_check(x_, weight, bn_weight, bn_bias, mean_, invstd_, c10::nullopt, false, act);
+  check_bwd_args(grad_y, x_, mean_, invstd_, {g.N, g.Cout, g.H, g.W});
+  const auto acc = acc_type(x_.scalar_type());
+  auto x = x_.contiguous(g.format());
+  auto dy = grad_y.contiguous(g.format());
+  auto mean = mean_.contiguous(), invstd = invstd_.contiguous();
+  auto w2 = weight.reshape({g.Cout, g.Cin}).to(acc);
+  auto dgamma = at::zeros({g.Cout}, x.options().dtype(acc));
+  auto dbeta = at::zeros({g.Cout}, x.options().dtype(acc));
+  if (dy.numel() == 0) {
+    return {at::zeros(x.sizes(), x.options().memory_format(g.format())), at::zeros_like(weight),
+            dgamma.to(bn_weight.scalar_type()), dbeta.to(bn_bias.scalar_type())};
+  }
+  auto xop = x_operand(g, x, acc);
+  auto conv = conv_gemm(g, xop, w2).contiguous();
+  auto dc = at::empty_like(conv);
+  OutRows rw(g.N, g.Cout, g.H, g.W, g.channels_last);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pw_bwd_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const A* cp = conv.const_data_ptr<A>();
+    at::Tensor scale, shift;
+    std::tie(scale, shift) = fold_bn(bn_weight, bn_bias, mean, invstd);
+    auto gamma = bn_weight.to(acc).contiguous();
+    bn_act_backward<scalar_t, A>(
+        rw, [&](int64_t r, A*) -> const A* { return cp + r * rw.row_len; }, g.act, training,
+        scale.const_data_ptr<A>(), shift.const_data_ptr<A>(), gamma.const_data_ptr<A>(),
+        mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), dy.const_data_ptr<scalar_t>(),
+        dc.data_ptr<A>(), dgamma.data_ptr<A>(), dbeta.data_ptr<A>(),
+        [](int64_t, const A*, int) {});
+  });
+  at::Tensor dx, dw2;
+  if (g.channels_last) {  // dc [NHW, Cout]
+    dx = at::mm(dc, w2).view({g.N, g.H, g.W, g.Cin}).permute({0, 3, 1, 2});
+    dw2 = at::mm(dc.t(), xop);
+  } else {  // dc [N, Cout, HW]
+    dx = at::matmul(w2.t(), dc).view({g.N, g.Cin, g.H, g.W});
+    dw2 = at::matmul(dc, xop.transpose(1, 2)).sum(0);
+  }
+  return {dx.to(x.scalar_type()).contiguous(g.format()),
+          dw2.reshape(weight.sizes()).to(weight.scalar_type()).contiguous(),
+          dgamma.to(bn_weight.scalar_type()), dbeta.to(bn_bias.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mobilenet_ext, CPU, m) {
+  m.impl("pw_fwd", &pw_fwd_cpu);
+  m.impl("pw_bwd", &pw_bwd_cpu);
+}
+
+}  // namespace mbx
