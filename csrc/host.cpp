@@ -174,4 +174,37 @@ std::tuple<at::Tensor, at::Tensor> fold_bn(const at::Tensor& bn_weight, const at
   return {scale.contiguous(), shift.contiguous()};
 }
 
+// Row-major [rows, C] view of a channels_last (N, C, H, W) tensor.
+static at::Tensor cl_matrix(const at::Tensor& t) {
+  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
+}
+
+// (N, C, rows, cols) channels_last tensor from a row-major [N*rows*cols, C] matrix.
+static at::Tensor from_cl_matrix(const at::Tensor& m, int64_t N, int64_t H, int64_t W) {
+  return m.view({N, H, W, m.size(1)}).permute({0, 3, 1, 2});
+}
+
+at::Tensor pw_conv_gemm(const PwGeom& g, const at::Tensor& x, const at::Tensor& w2) {
+  if (g.channels_last) return from_cl_matrix(at::mm(cl_matrix(x), w2.t()), g.N, g.H, g.W);
+  auto conv = at::bmm(w2.unsqueeze(0).expand({g.N, g.Cout, g.Cin}),
+                      x.reshape({g.N, g.Cin, g.H * g.W}));
+  return conv.view({g.N, g.Cout, g.H, g.W});
+}
+
+at::Tensor pw_dx_gemm(const PwGeom& g, const at::Tensor& dc, const at::Tensor& w2) {
+  if (g.channels_last) return from_cl_matrix(at::mm(cl_matrix(dc), w2), g.N, g.H, g.W);
+  auto dx = at::bmm(w2.t().unsqueeze(0).expand({g.N, g.Cin, g.Cout}),
+                    dc.reshape({g.N, g.Cout, g.H * g.W}));
+  return dx.view({g.N, g.Cin, g.H, g.W});
+}
+
+at::Tensor pw_dweight_gemm(const PwGeom& g, const at::Tensor& dc, const at::Tensor& x) {
+  if (g.channels_last) return at::mm(cl_matrix(dc).t(), cl_matrix(x));
+  // one GEMM over all N*H*W pixels (per-image partial products would be rounded
+  // to the low-precision dtype before their sum)
+  auto dcm = dc.reshape({g.N, g.Cout, g.H * g.W}).transpose(0, 1).reshape({g.Cout, -1});
+  auto xm = x.reshape({g.N, g.Cin, g.H * g.W}).transpose(0, 1).reshape({g.Cin, -1});
+  return at::mm(dcm, xm.t());
+}
+
 }  // namespace mbx

@@ -65,4 +65,14 @@ PwGeom pw_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
                 const c10::optional<at::Tensor>& running_var,
                 const c10::optional<at::Tensor>& residual, bool training, c10::string_view act);
 
+// The three GEMMs of the 1x1 conv, in the dtype of their inputs, with no layout
+// conversion: channels_last is [N*H*W, Cin] x [Cin, Cout], NCHW is
+// [Cout, Cin] x [Cin, H*W] per image (one batched GEMM).
+// conv (N, Cout, H, W) in x's memory format, contiguous.
+at::Tensor pw_conv_gemm(const PwGeom& g, const at::Tensor& x, const at::Tensor& w2);
+// dx (N, Cin, H, W) in x's memory format from dc laid out like y.
+at::Tensor pw_dx_gemm(const PwGeom& g, const at::Tensor& dc, const at::Tensor& w2);
+// dweight (Cout, Cin) from dc laid out like y.
+at::Tensor pw_dweight_gemm(const PwGeom& g, const at::Tensor& dc, const at::Tensor& x);
+
 }  // namespace mbx

@@ -1,8 +1,6 @@
 // CPU kernels of the fused pointwise (1x1) conv + BatchNorm + activation
-// (+ residual). The 1x1 conv is a GEMM (ATen's, i.e. MKL/oneDNN) computed in the
-// accumulation dtype straight into the layout of y: channels_last is
-// [N*H*W, Cin] x [Cin, Cout], NCHW is [Cout, Cin] x [Cin, H*W] per image, so
-// neither layout is converted. The shared epilogue (epilogue.h) then does the
+// (+ residual). The 1x1 conv is a GEMM (ATen's, i.e. MKL/oneDNN; pw_conv_gemm in
+// host.cpp) computed in the accumulation dtype straight into the layout of y. The shared epilogue (epilogue.h) then does the
 // BatchNorm, activation, residual and cast in one pass.
 //
 // Backward recomputes the conv output with one more GEMM instead of saving it:
@@ -20,19 +18,6 @@
 
 namespace mbx {
 namespace {
-
-// x viewed as the GEMM operand, in the accumulation dtype: [N*H*W, Cin] for
-// channels_last, [N, Cin, H*W] for NCHW (views; a copy only to convert dtype).
-at::Tensor x_operand(const PwGeom& g, const at::Tensor& x, at::ScalarType acc) {
-  auto xa = x.to(acc);
-  return g.channels_last ? xa.permute({0, 2, 3, 1}).reshape({-1, g.Cin})
-                         : xa.reshape({g.N, g.Cin, g.H * g.W});
-}
-
-// conv output in the accumulation dtype, laid out like y (rows of OutRows).
-at::Tensor conv_gemm(const PwGeom& g, const at::Tensor& xop, const at::Tensor& w2) {
-  return g.channels_last ? at::mm(xop, w2.t()) : at::matmul(w2, xop);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bn_weight,
@@ -53,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cpu(
   }
   if (y.numel() == 0) return {y, mean, invstd};
   auto w2 = weight.reshape({g.Cout, g.Cin}).to(acc);
-  auto conv = conv_gemm(g, x_operand(g, x, acc), w2).contiguous();
+  auto conv = pw_conv_gemm(g, x.to(acc), w2);
   at::Tensor res;
   if (residual.has_value()) res = residual->contiguous(g.format());
   OutRows rw(g.N, g.Cout, g.H, g.W, g.channels_last);
@@ -88,8 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cpu(
     return {at::zeros(x.sizes(), x.options().memory_format(g.format())), at::zeros_like(weight),
             dgamma.to(bn_weight.scalar_type()), dbeta.to(bn_bias.scalar_type())};
   }
-  auto xop = x_operand(g, x, acc);
-  auto conv = conv_gemm(g, xop, w2).contiguous();
+  auto xa = x.to(acc);
+  auto conv = pw_conv_gemm(g, xa, w2);
   auto dc = at::empty_like(conv);
   OutRows rw(g.N, g.Cout, g.H, g.W, g.channels_last);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pw_bwd_cpu", [&] {
@@ -105,14 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cpu(
         dc.data_ptr<A>(), dgamma.data_ptr<A>(), dbeta.data_ptr<A>(),
         [](int64_t, const A*, int) {});
   });
-  at::Tensor dx, dw2;
-  if (g.channels_last) {  // dc [NHW, Cout]
-    dx = at::mm(dc, w2).view({g.N, g.H, g.W, g.Cin}).permute({0, 3, 1, 2});
-    dw2 = at::mm(dc.t(), xop);
-  } else {  // dc [N, Cout, HW]
-    dx = at::matmul(w2.t(), dc).view({g.N, g.Cin, g.H, g.W});
-    dw2 = at::matmul(dc, xop.transpose(1, 2)).sum(0);
-  }
+  auto dx = pw_dx_gemm(g, dc, w2);
+  auto dw2 = pw_dweight_gemm(g, dc, xa);
   return {dx.to(x.scalar_type()).contiguous(g.format()),
           dw2.reshape(weight.sizes()).to(weight.scalar_type()).contiguous(),
           dgamma.to(bn_weight.scalar_type()), dbeta.to(bn_bias.scalar_type())};

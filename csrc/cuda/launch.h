@@ -1,0 +1,63 @@
+// Plain parameter struct and launchers of the CUDA kernels. Filled on the host
+// (*_cuda.cpp, which owns every check and allocation) and passed by value; this
+// header keeps ATen out of the .cu files so they compile in seconds.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace mbx {
+
+enum DType : int { kF64 = 0, kF32 = 1, kF16 = 2, kBF16 = 3 };
+
+// One conv + BN + activation call. The output y is (N, C, Ho, Wo); for the
+// pointwise op K = 1 and the conv output is given in `conv` (a GEMM result).
+struct ConvLaunch {
+  int N, C, H, W, Ho, Wo, K, stride, pad, dil, act;
+  bool channels_last, training;
+  int dtype;   // DType of x, weight, y, dy, dx, dc, conv, residual
+  int chunks;  // pixel chunks of the reduction kernels (num_chunks)
+  double eps;
+  // tensors of dtype T (x's dtype), contiguous in x's memory format / (C, K*K)
+  const void* x;
+  const void* w;
+  const void* conv;      // pointwise: conv output, laid out like y
+  const void* residual;  // pointwise: added after the activation, like y (or null)
+  void* y;
+  const void* dy;
+  void* dx;
+  void* dc;  // gradient at the conv output, laid out like y
+  // per-channel tensors of the accumulation type A (fp64 for fp64 x, else fp32)
+  const void* gamma;
+  const void* beta;
+  void* mean;
+  void* invstd;
+  void* scale;
+  void* shift;
+  void* dgamma;
+  void* dbeta;
+  void* dweight;  // depthwise: (C, K*K)
+  void* coef;     // (3, C) workspace: BnBwdCoef a, b, d
+  void* part;     // (chunks, max(3, K*K), C) workspace of block partials
+};
+
+// Number of pixel chunks the reduction kernels split N*Ho*Wo into (sizes `part`).
+int num_chunks(const ConvLaunch& p);
+
+// Depthwise: training batch statistics -> mean, invstd, scale, shift.
+cudaError_t dw_stats_launch(const ConvLaunch& p, cudaStream_t stream);
+// Depthwise: y = act(conv(x) * scale + shift).
+cudaError_t dw_apply_launch(const ConvLaunch& p, cudaStream_t stream);
+// Depthwise: dx, dweight, dgamma, dbeta from dy (needs mean, invstd, scale, shift, gamma).
+cudaError_t dw_bwd_launch(const ConvLaunch& p, cudaStream_t stream);
+
+// Pointwise, from the conv output `conv`: batch statistics (as dw_stats_launch).
+cudaError_t pw_stats_launch(const ConvLaunch& p, cudaStream_t stream);
+// Pointwise: y = act(conv * scale + shift) + residual; y may alias conv.
+cudaError_t pw_apply_launch(const ConvLaunch& p, cudaStream_t stream);
+// Pointwise: dgamma, dbeta and dc (the gradient at the conv output); dx and
+// dweight are GEMMs of dc done by the caller.
+cudaError_t pw_bwd_launch(const ConvLaunch& p, cudaStream_t stream);
+
+}  // namespace mbx
