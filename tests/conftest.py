@@ -44,3 +44,25 @@ def pytest_report_header(config):
                         for k, v in mobilenet_ext.backends().items())
             + f"; CUDA kernels compiled: {mobilenet_ext.compiled_with_cuda()}"
             + f"; MOBILENET_EXT_EXPECT_CUDA={os.environ.get('MOBILENET_EXT_EXPECT_CUDA', '0')}")
+
+
+def err(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+def check_close(ours, eager, ref, factor):
+    """fp64/fp32: tight tolerances against the float64 reference. fp16/bf16: our error
+    against float64 is at most `factor` x the error of eager PyTorch at that dtype."""
+    ref = ref.double()
+    if ours.dtype in (torch.float64, torch.float32):
+        tol = 1e-9 if ours.dtype == torch.float64 else 2e-4
+        torch.testing.assert_close(ours.double(), ref, atol=tol, rtol=tol)
+        return
+    assert not ours.isnan().any(), "NaN in output (unwritten elements?)"
+    floor = torch.finfo(ours.dtype).eps * max(1.0, ref.abs().max().item())
+    e_ours, e_eager = err(ours, ref), err(eager, ref)
+    assert e_ours <= factor * e_eager + floor, (e_ours, e_eager)
+
+
+def as64(*ts):
+    return [t.double() if isinstance(t, torch.Tensor) else t for t in ts]

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import mobilenet_ext
 from mobilenet_ext import reference
-from conftest import DEVICES, poison_allocator
+from conftest import as64, check_close, poison_allocator
 
 op = torch.ops.mobilenet_ext
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -41,28 +41,6 @@ def make_inputs(case, dtype, device, layout, bn_dtype=None):
     rvar = torch.rand(c, device=device, dtype=bn_dtype) + 0.5
     return x, weight, gamma, beta, rmean, rvar, dict(stride=stride, dilation=dil,
                                                      padding=(k - 1) // 2 * dil)
-
-
-def err(a, ref):
-    return (a.double() - ref).abs().max().item()
-
-
-def check_close(ours, eager, ref, factor):
-    """fp64/fp32: tight tolerances against the float64 reference. fp16/bf16: our error
-    against float64 is at most `factor` x the error of eager PyTorch at that dtype."""
-    ref = ref.double()
-    if ours.dtype in (torch.float64, torch.float32):
-        tol = 1e-9 if ours.dtype == torch.float64 else 2e-4
-        torch.testing.assert_close(ours.double(), ref, atol=tol, rtol=tol)
-        return
-    assert not ours.isnan().any(), "NaN in output (unwritten elements?)"
-    floor = torch.finfo(ours.dtype).eps * max(1.0, ref.abs().max().item())
-    e_ours, e_eager = err(ours, ref), err(eager, ref)
-    assert e_ours <= factor * e_eager + floor, (e_ours, e_eager)
-
-
-def as64(*ts):
-    return [t.double() if isinstance(t, torch.Tensor) else t for t in ts]
 
 
 @pytest.mark.parametrize("training", [False, True])

@@ -1,0 +1,266 @@
+"""The fused pointwise (1x1) conv + BN + activation (+ residual) against reference.py."""
+import pytest
+import torch
+import torch.nn as nn
+
+import mobilenet_ext
+from mobilenet_ext import reference
+from conftest import as64, check_close, poison_allocator
+
+op = torch.ops.mobilenet_ext
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["nchw", "channels_last", "strided"]
+# (N, Cin, Cout, H, W): odd channel counts, MobileNetV2's 96 -> 24 projection, 1x1 images
+CASES = [
+    (3, 3, 17, 7, 7),
+    (1, 17, 40, 15, 15),
+    (3, 96, 24, 1, 1),
+    (1, 40, 17, 33, 15),
+    (2, 24, 96, 7, 9),
+]
+ACTS = list(reference.ACTIVATIONS)
+
+
+def make_inputs(case, dtype, device, layout, residual):
+    n, cin, cout, h, w = case
+    bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if layout == "strided":  # a non-contiguous view: every other channel of a wider tensor
+        x = torch.randn(n, 2 * cin, h, w, device=device, dtype=dtype)[:, ::2]
+    else:
+        x = torch.randn(n, cin, h, w, device=device, dtype=dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, 1, 1, device=device, dtype=dtype) / cin ** 0.5
+    gamma = torch.rand(cout, device=device, dtype=bn_dtype) + 0.5
+    beta = torch.randn(cout, device=device, dtype=bn_dtype)
+    rmean = torch.randn(cout, device=device, dtype=bn_dtype) * 0.1
+    rvar = torch.rand(cout, device=device, dtype=bn_dtype) + 0.5
+    res = None
+    if residual:
+        res = torch.randn(n, cout, h, w, device=device, dtype=dtype)
+        if layout == "channels_last":
+            res = res.contiguous(memory_format=torch.channels_last)
+    return x, weight, gamma, beta, rmean, rvar, res
+
+
+def pick_act(case, layout, dtype):
+    return "relu6" if dtype == torch.float32 else ACTS[hash((case, layout)) % len(ACTS)]
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_forward(device, case, dtype, layout, training, residual):
+    x, w, g, b, rm, rv, r = make_inputs(case, dtype, device, layout, residual)
+    act = pick_act(case, layout, dtype)
+    poison_allocator(device)
+    y, mean, invstd = op.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act)
+    y64, mean64, invstd64 = reference.pw_fwd(*as64(x, w, g, b, rm, rv, r), training, 1e-5, act)
+    eager, _, _ = reference.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act)
+    expect_cl = layout == "channels_last" and not x.is_contiguous()
+    assert y.shape == y64.shape and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last if expect_cl else
+                           torch.contiguous_format)
+    check_close(y, eager, y64, factor=2)
+    stat_tol = 1e-9 if dtype == torch.float64 else 1e-4
+    # low-precision GEMM outputs are rounded to the dtype before the statistics (as eager)
+    if dtype in (torch.float16, torch.bfloat16) and device == "cuda":
+        stat_tol = 2e-2
+    torch.testing.assert_close(mean.double(), mean64, atol=stat_tol, rtol=stat_tol)
+    torch.testing.assert_close(invstd.double(), invstd64, atol=stat_tol, rtol=stat_tol)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES[:2] + CASES[4:])
+def test_backward(device, case, dtype, layout, training, residual):
+    x, w, g, b, rm, rv, r = make_inputs(case, dtype, device, layout, residual)
+    act = pick_act(case, layout, dtype)
+    dy = None
+
+    def grads(run, *ts):
+        nonlocal dy
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in ts]
+        y = run(*leaves)
+        if dy is None:
+            dy = torch.randn_like(y)
+        y.backward(dy.to(y.dtype))
+        return [t.grad if t is not None else None for t in leaves]
+
+    def ours(x, w, g, b, r):
+        return op.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act)[0]
+
+    def ref(x, w, g, b, r):
+        stat = (lambda t: t.double()) if x.dtype == torch.float64 else (lambda t: t)
+        return reference.pw_fwd(x, w, g, b, stat(rm), stat(rv), r, training, 1e-5, act)[0]
+
+    poison_allocator(device)
+    got = grads(ours, x, w, g, b, r)
+    want = grads(ref, *as64(x, w, g, b, r))
+    eager = grads(ref, x, w, g, b, r)
+    for name, a, e, ref64 in zip(("dx", "dweight", "dgamma", "dbeta", "dresidual"),
+                                 got, eager, want):
+        if name == "dresidual" and not residual:
+            assert a is None
+            continue
+        assert a.shape == ref64.shape and a.dtype == e.dtype, name
+        check_close(a, e, ref64, factor=3)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("act", ACTS)
+def test_gradcheck(device, act, channels_last, training):
+    x, w, g, b, rm, rv, r = make_inputs((2, 5, 7, 4, 3), torch.float64, device,
+                                        "channels_last" if channels_last else "nchw", True)
+    b = b + 0.37  # keep the pre-activations off the kinks
+
+    def f(x, w, g, b, r):
+        return op.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act)[0]
+
+    inputs = [t.detach().requires_grad_() for t in (x, w, g, b, r)]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_running_stats_match_batchnorm(device, momentum, channels_last):
+    cin, cout = 24, 17
+    conv = nn.Conv2d(cin, cout, 1, bias=False).to(device)
+    bn = nn.BatchNorm2d(cout, momentum=momentum).to(device)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    for step in range(1, 4):
+        x = torch.randn(3, cin, 9, 9, device=device)
+        res = torch.randn(3, cout, 9, 9, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        want = bn(conv(x)) + res
+        m = 1.0 / step if momentum is None else momentum  # as nn.BatchNorm2d does
+        got = mobilenet_ext.pw_conv_bn_act(x, conv.weight, bn.weight, bn.bias, rm, rv,
+                                           residual=res, training=True, momentum=m,
+                                           act="identity")
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(rm, bn.running_mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(rv, bn.running_var, atol=1e-6, rtol=1e-5)
+
+
+def test_public_matches_reference_backend(device):
+    x, w, g, b, rm, rv, r = make_inputs((2, 17, 40, 9, 9), torch.float32, device,
+                                        "channels_last", True)
+    rm2, rv2 = rm.clone(), rv.clone()
+    got = mobilenet_ext.pw_conv_bn_act(x, w, g, b, rm, rv, residual=r, training=True,
+                                       act="identity")
+    mobilenet_ext.set_backend("reference")
+    want = mobilenet_ext.pw_conv_bn_act(x, w, g, b, rm2, rv2, residual=r, training=True,
+                                        act="identity")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_opcheck(device, training, channels_last, residual):
+    x, w, g, b, rm, rv, r = make_inputs((2, 5, 7, 4, 3), torch.float32, device,
+                                        "channels_last" if channels_last else "nchw", residual)
+    args = [t.requires_grad_() if t is not None else None for t in (x, w, g, b, r)]
+    x, w, g, b, r = args
+    torch.library.opcheck(op.pw_fwd.default, (x, w, g, b, rm, rv, r, training, 1e-5, "relu6"))
+    mean, invstd = op.pw_fwd(x.detach(), w.detach(), g.detach(), b.detach(), rm, rv, None,
+                             training, 1e-5, "relu6")[1:]
+    dy = torch.randn(2, 7, 4, 3, device=device)
+    torch.library.opcheck(op.pw_bwd.default, (dy, x.detach(), w.detach(), g.detach(),
+                                              b.detach(), mean, invstd, training, "relu6"))
+
+
+class _Bottleneck(nn.Module):
+    """MobileNetV2's linear bottleneck projection with its residual."""
+
+    def __init__(self, c, hidden):
+        super().__init__()
+        self.conv = nn.Conv2d(hidden, c, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, h, x):
+        return mobilenet_ext.pw_conv_bn_act(h, self.conv.weight, self.bn.weight, self.bn.bias,
+                                            self.bn.running_mean, self.bn.running_var,
+                                            residual=x, training=self.training,
+                                            act="identity")
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    m = _Bottleneck(6, 12)
+    h = torch.randn(2, 12, 5, 5).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    m.eval()
+    torch.testing.assert_close(compiled(h, x), m(h, x))
+    m.train()
+    h.requires_grad_()
+    x.requires_grad_()
+    compiled(h, x).square().sum().backward()
+    gh, gx = h.grad.clone(), x.grad.clone()
+    h.grad = x.grad = None
+    m(h, x).square().sum().backward()
+    torch.testing.assert_close(gh, h.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, x.grad, atol=1e-5, rtol=1e-5)
+
+
+def _bad(**change):
+    x, w, g, b, rm, rv, _ = make_inputs((2, 4, 6, 5, 5), torch.float32, "cpu", "nchw", False)
+    kw = dict(x=x, weight=w, bn_weight=g, bn_bias=b, running_mean=rm, running_var=rv)
+    opts = {}
+    for k, v in change.items():
+        (kw if k in kw else opts)[k] = v
+    return mobilenet_ext.pw_conv_bn_act(kw.pop("x"), kw.pop("weight"), kw.pop("bn_weight"),
+                                        kw.pop("bn_bias"), kw.pop("running_mean"),
+                                        kw.pop("running_var"), **opts)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(weight=torch.randn(6, 4, 3, 3)), "weight: expected shape"),
+    (dict(weight=torch.randn(6, 5, 1, 1)), "weight: expected shape"),
+    (dict(x=torch.randn(4, 5, 5)), "x: expected a 4-D"),
+    (dict(bn_weight=torch.ones(4)), "bn_weight: expected shape"),
+    (dict(residual=torch.randn(2, 4, 5, 5)), "residual: expected shape"),
+    (dict(residual=torch.randn(2, 6, 5, 5, dtype=torch.float64)), "residual: expected dtype"),
+    (dict(residual=torch.randn(2, 6, 5, 5, device="meta")), "residual: expected device"),
+    (dict(x=torch.randn(1, 4, 1, 1), training=True), "more than 1 value per channel"),
+    (dict(act="gelu"), "act: unknown activation"),
+    (dict(weight=torch.randn(6, 4, 1, 1, dtype=torch.float16)), "weight: expected dtype"),
+])
+def test_bad_input(change, match):
+    with pytest.raises(ValueError, match=match):
+        _bad(**change)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(weight=torch.randn(6, 4, 3, 3)), "weight: expected shape"),
+    (dict(residual=torch.randn(2, 4, 5, 5)), "residual: expected shape"),
+    (dict(act="gelu"), "act: unknown activation"),
+])
+def test_bad_input_registered_op(change, match):
+    x, w, g, b, rm, rv, _ = make_inputs((2, 4, 6, 5, 5), torch.float32, "cpu", "nchw", False)
+    a = dict(weight=w, residual=None, act="relu6")
+    a.update(change)
+    with pytest.raises(ValueError, match=match):
+        op.pw_fwd(x, a["weight"], g, b, rm, rv, a["residual"], False, 1e-5, a["act"])
+
+
+def test_pw_kernels_registered():
+    for name in ("pw_fwd", "pw_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mobilenet_ext::{name}", "CPU")
+        if mobilenet_ext.compiled_with_cuda():
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mobilenet_ext::{name}",
+                                                                  "CUDA")
