@@ -202,8 +202,10 @@ at::Tensor pw_dweight_gemm(const PwGeom& g, const at::Tensor& dc, const at::Tens
   if (g.channels_last) return at::mm(cl_matrix(dc).t(), cl_matrix(x));
   // one GEMM over all N*H*W pixels (per-image partial products would be rounded
   // to the low-precision dtype before their sum)
-  auto dcm = dc.reshape({g.N, g.Cout, g.H * g.W}).transpose(0, 1).reshape({g.Cout, -1});
-  auto xm = x.reshape({g.N, g.Cin, g.H * g.W}).transpose(0, 1).reshape({g.Cin, -1});
+  // explicit sizes, not -1: Cin == 0 makes a 0-element reshape to {0, -1} ambiguous (throws)
+  const int64_t P = g.N * g.H * g.W;
+  auto dcm = dc.reshape({g.N, g.Cout, g.H * g.W}).transpose(0, 1).reshape({g.Cout, P});
+  auto xm = x.reshape({g.N, g.Cin, g.H * g.W}).transpose(0, 1).reshape({g.Cin, P});
   return at::mm(dcm, xm.t());
 }
 

@@ -1,0 +1,273 @@
+"""convert() / revert(): swap fused conv + BatchNorm + activation into existing models.
+
+A fusable pattern is a Conv2d immediately followed, in its parent's registration
+order, by a BatchNorm2d (torchvision `Conv2dNormActivation` and any
+`nn.Sequential`; timm blocks, whose `BatchNormAct2d` carries the activation) and
+optionally an activation module. The Conv2d is replaced by a slot that keeps its
+`weight` and passes its input on; the BatchNorm by a module that keeps the
+BatchNorm's parameters and buffers under the same names and runs the fused op on
+the conv's input; a following activation module by `nn.Identity`. State-dict keys,
+parameters (the same `Parameter` objects) and buffers are unchanged, so
+checkpoints load both ways and optimizers keep working. torchvision's
+`InvertedResidual` also gets its residual add fused into the projection.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from . import ops
+from .nn import InvertedResidual as _OurInvertedResidual
+from .nn import _ConvBNAct, bn_call_args
+
+__all__ = ["convert", "revert", "ConvertReport"]
+
+_ACTS = {nn.ReLU6: "relu6", nn.ReLU: "relu", nn.Identity: "identity", nn.Hardswish: "hardswish",
+         nn.SiLU: "silu"}
+# Parents (besides nn.Sequential) whose forward calls their children in
+# registration order, so a Conv2d followed by a BatchNorm is run back to back.
+_ORDERED_PARENTS = {
+    "timm.models._efficientnet_blocks.DepthwiseSeparableConv",
+    "timm.models._efficientnet_blocks.InvertedResidual",
+    "timm.models._efficientnet_blocks.ConvBnAct",
+    "timm.models.efficientnet.EfficientNet",
+    "timm.models.efficientnet.EfficientNetFeatures",
+    "timm.models.mobilenetv3.MobileNetV3",
+}
+_TV_INVERTED_RESIDUAL = "torchvision.models.mobilenetv2.InvertedResidual"
+
+
+def _qualname(m) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+@dataclass
+class ConvertReport:
+    fused: list = field(default_factory=list)  # (module name, "depthwise"/"pointwise", act)
+    residual: list = field(default_factory=list)  # blocks whose residual add was fused
+    left: list = field(default_factory=list)  # (module name, why it was not fused)
+
+    def __str__(self) -> str:
+        if not self.fused:
+            lines = ["mobilenet_ext.convert: nothing to fuse; the model is unchanged"]
+        else:
+            lines = [f"mobilenet_ext.convert: fused {len(self.fused)} conv+BN(+act) "
+                     f"({sum(k == 'depthwise' for _, k, _ in self.fused)} depthwise, "
+                     f"{sum(k == 'pointwise' for _, k, _ in self.fused)} pointwise), "
+                     f"{len(self.residual)} residual adds"]
+            lines += [f"  fused  {n}: {k}, act={a}" for n, k, a in self.fused]
+            lines += [f"  fused  {n}: residual add" for n in self.residual]
+        lines += [f"  left   {n}: {why}" for n, why in self.left]
+        return "\n".join(lines)
+
+
+class _ConvSlot(nn.Module):
+    """Where a fused Conv2d was: keeps its weight, passes the input to the fused op."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight = conv.weight
+        object.__setattr__(self, "_orig", conv)  # for revert(); not a submodule
+
+    def forward(self, x):
+        return x
+
+    def extra_repr(self) -> str:
+        c = self._orig
+        return f"{c.in_channels}, {c.out_channels}, kernel_size={c.kernel_size} (fused into the next)"
+
+
+class _FusedBN(nn.Module):
+    """Where the BatchNorm was: its parameters and buffers under the same names, and
+    the fused conv + BN + activation (+ residual) on the conv's input."""
+
+    def __init__(self, bn: nn.BatchNorm2d, slot: _ConvSlot, kind: str, act: str, act_site=None):
+        super().__init__()
+        for name in ("weight", "bias"):
+            setattr(self, name, getattr(bn, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            self.register_buffer(name, getattr(bn, name))
+        self.eps, self.momentum = bn.eps, bn.momentum
+        self.track_running_stats = bn.track_running_stats
+        self.kind, self.act = kind, act
+        conv = slot._orig
+        self.stride, self.padding, self.dilation = conv.stride[0], conv.padding[0], conv.dilation[0]
+        object.__setattr__(self, "_slot", slot)
+        object.__setattr__(self, "_orig", bn)
+        object.__setattr__(self, "_act_site", act_site)  # (parent, name, act) it replaced
+        self.train(bn.training)
+
+    def forward(self, x, residual=None):
+        rm, rv, training, momentum = bn_call_args(self, self.training)
+        kw = dict(training=training, momentum=momentum, eps=self.eps, act=self.act)
+        if self.kind == "depthwise":
+            return ops.dw_conv_bn_act(x, self._slot.weight, self.weight, self.bias, rm, rv,
+                                      stride=self.stride, padding=self.padding,
+                                      dilation=self.dilation, **kw)
+        return ops.pw_conv_bn_act(x, self._slot.weight, self.weight, self.bias, rm, rv,
+                                  residual=residual, **kw)
+
+    def _mbx_fused_convs(self, in_hw, out_hw):
+        return [(self._slot._orig, in_hw)]
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, act={self.act!r}, eps={self.eps}, momentum={self.momentum}"
+
+
+class _ResidualBlock(nn.Module):
+    """torchvision's InvertedResidual with the residual add fused into the projection."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.conv = block.conv
+        object.__setattr__(self, "_orig", block)
+
+    def forward(self, x):
+        h = x
+        last = len(self.conv) - 1
+        for i, m in enumerate(self.conv):
+            h = m(h, residual=x) if i == last else m(h)
+        return h
+
+
+def _kind(conv: nn.Conv2d):
+    """'depthwise' / 'pointwise', or the reason the conv cannot be fused."""
+    if conv.bias is not None:
+        return None, "conv has a bias"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None, f"padding {conv.padding!r} / mode {conv.padding_mode!r} not supported"
+    k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    if k == (1, 1) and s == (1, 1) and p == (0, 0) and conv.groups == 1:
+        return "pointwise", None
+    if conv.groups == conv.in_channels == conv.out_channels and k[0] == k[1] and \
+            k[0] in (3, 5, 7) and s[0] == s[1] and s[0] in (1, 2) and p[0] == p[1] and \
+            d[0] == d[1] and 0 <= p[0] <= d[0] * (k[0] - 1):
+        return "depthwise", None
+    return None, (f"not a supported depthwise (k 3/5/7, stride 1/2) or pointwise conv "
+                  f"(k={k}, stride={s}, groups={conv.groups})")
+
+
+def _act_name(m):
+    for cls, name in _ACTS.items():
+        if type(m) is cls:
+            return name
+    return None
+
+
+def _bn_act(bn):
+    """Activation carried inside a BatchNorm (timm BatchNormAct2d), or 'identity'."""
+    act = getattr(bn, "act", None)
+    drop = getattr(bn, "drop", None)
+    if drop is not None and type(drop) is not nn.Identity:
+        return None, "BatchNorm has dropout inside"
+    if act is None:
+        return "identity", None
+    name = _act_name(act)
+    return (name, None) if name else (None, f"activation {type(act).__name__} not supported")
+
+
+def _fuse_children(parent, prefix, report):
+    children = list(parent.named_children())
+    i = 0
+    while i < len(children):
+        name, conv = children[i]
+        nxt = children[i + 1][1] if i + 1 < len(children) else None
+        if type(conv) is not nn.Conv2d or not isinstance(nxt, nn.BatchNorm2d):
+            i += 1
+            continue
+        bn_name, bn = children[i + 1]
+        full = prefix + name
+        kind, why = _kind(conv)
+        act, why_act = _bn_act(bn) if kind else (None, None)
+        if kind is None or act is None:
+            report.left.append((full, why or why_act))
+            i += 2
+            continue
+        act_site = None
+        if act == "identity" and type(bn) is nn.BatchNorm2d and i + 2 < len(children):
+            act_name, act_mod = children[i + 2]
+            if _act_name(act_mod) is not None:
+                act = _act_name(act_mod)
+                act_site = (parent, act_name, act_mod)
+                setattr(parent, act_name, nn.Identity())
+        slot = _ConvSlot(conv)
+        setattr(parent, name, slot)
+        setattr(parent, bn_name, _FusedBN(bn, slot, kind, act, act_site))
+        report.fused.append((full, kind, act))
+        i += 2 + (act_site is not None)
+
+
+def _walk(module, prefix, report):
+    for name, child in list(module.named_children()):
+        if isinstance(child, (_ConvBNAct, _OurInvertedResidual, _FusedBN, _ConvSlot,
+                              _ResidualBlock)):
+            continue  # already fused
+        _walk(child, f"{prefix}{name}.", report)
+        if _qualname(child) == _TV_INVERTED_RESIDUAL and child.use_res_connect and \
+                isinstance(child.conv[-1], _FusedBN) and child.conv[-1].kind == "pointwise":
+            setattr(module, name, _ResidualBlock(child))
+            report.residual.append(prefix + name)
+    if isinstance(module, nn.Sequential) or _qualname(module) in _ORDERED_PARENTS:
+        _fuse_children(module, prefix, report)
+    else:
+        kids = list(module.named_children())
+        for (name, a), (_, b) in zip(kids, kids[1:]):
+            if type(a) is nn.Conv2d and isinstance(b, nn.BatchNorm2d):
+                report.left.append((prefix + name, f"inside {type(module).__name__}, whose "
+                                    "forward order is not known to mobilenet_ext"))
+
+
+def convert(model: nn.Module, inplace: bool = False, verbose: bool = False,
+            return_report: bool = False):
+    """Swap every fusable Conv2d + BatchNorm2d (+ activation) of `model` for the fused op.
+
+    Returns the converted model (a deep copy unless inplace=True), or
+    (model, ConvertReport) with return_report=True; verbose=True prints the report.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = ConvertReport()
+    _walk(model, "", report)
+    if verbose:
+        print(report)
+    return (model, report) if return_report else model
+
+
+def _revert_child(parent, name, child):
+    if isinstance(child, _ResidualBlock):
+        orig = child._orig
+        orig.conv = child.conv
+        orig.train(child.training)
+        setattr(parent, name, orig)
+        return orig
+    if isinstance(child, _ConvSlot):
+        orig = child._orig
+        orig.weight = child.weight
+        orig.train(child.training)
+        setattr(parent, name, orig)
+        return orig
+    if isinstance(child, _FusedBN):
+        orig = child._orig
+        for p in ("weight", "bias"):
+            setattr(orig, p, getattr(child, p))
+        for b in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(orig, b, getattr(child, b))
+        orig.eps, orig.momentum = child.eps, child.momentum
+        orig.train(child.training)
+        setattr(parent, name, orig)
+        if child._act_site is not None:  # the activation module it stood in for
+            _, act_name, act_mod = child._act_site
+            setattr(parent, act_name, act_mod)
+        return orig
+    return child
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo convert() in place: plain torch modules holding the current parameters
+    and buffers. Returns the model."""
+    for name, child in list(model.named_children()):
+        child = _revert_child(model, name, child)
+        revert(child)
+    return model

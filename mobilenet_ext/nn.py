@@ -1,0 +1,176 @@
+"""Fused modules and MobileNet blocks.
+
+`DWConvBNAct` and `PWConvBNAct` hold a real `nn.Conv2d` and `nn.BatchNorm2d` as
+children "0" and "1" (torchvision's `Conv2dNormActivation` layout), so
+parameters, buffers, optimizers, `.to()`, `.half()`, DDP and state_dicts behave
+as with plain torch modules and torchvision checkpoints load unchanged; their
+forward runs the fused op.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .reference import ACTIVATIONS
+
+__all__ = ["DWConvBNAct", "PWConvBNAct", "DepthwiseSeparable", "InvertedResidual",
+           "bn_call_args"]
+
+
+def bn_call_args(bn: nn.BatchNorm2d, training: bool):
+    """(running_mean, running_var, training, momentum) to call a fused op with, doing
+    what `nn.BatchNorm2d.forward` does: count num_batches_tracked, momentum=None as a
+    cumulative average, batch statistics when it tracks no running stats."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch = training or (bn.running_mean is None and bn.running_var is None)
+    keep = not training or bn.track_running_stats
+    return (bn.running_mean if keep else None, bn.running_var if keep else None, use_batch,
+            momentum)
+
+
+def _check_act(act):
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act: unknown activation {act!r}; expected one of "
+                         f"{', '.join(ACTIVATIONS)}")
+    return act
+
+
+class _ConvBNAct(nn.Sequential):
+    """Conv2d ("0") + BatchNorm2d ("1") run as one fused op."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str):
+        super().__init__(conv, bn)
+        self.act = _check_act(act)
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self[0]
+
+    @property
+    def bn(self) -> nn.BatchNorm2d:
+        return self[1]
+
+    def _bn_args(self):
+        rm, rv, training, momentum = bn_call_args(self.bn, self.training)
+        return dict(running_mean=rm, running_var=rv, training=training, momentum=momentum,
+                    eps=self.bn.eps, act=self.act)
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.conv.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__}: expected input (N, {self.conv.in_channels}, "
+                             f"H, W), got {shape}")
+
+    def extra_repr(self) -> str:
+        return f"act={self.act!r}"
+
+    def _mbx_fused_convs(self, in_hw, out_hw):
+        """(conv, input size) of the convolution this module runs, for cost.profile."""
+        return [(self.conv, in_hw)]
+
+
+class DWConvBNAct(_ConvBNAct):
+    """Depthwise k x k conv + BatchNorm + activation, fused.
+
+    DWConvBNAct(channels, kernel_size=3, stride=1, padding=None, dilation=1, act="relu6")
+    or DWConvBNAct.from_modules(conv, bn, act) around existing modules.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, stride: int = 1, padding=None,
+                 dilation: int = 1, act: str = "relu6", eps: float = 1e-5,
+                 momentum: float | None = 0.1, conv: nn.Conv2d | None = None,
+                 bn: nn.BatchNorm2d | None = None):
+        if padding is None:
+            padding = (kernel_size - 1) // 2 * dilation
+        conv = conv if conv is not None else nn.Conv2d(
+            channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=False)
+        bn = bn if bn is not None else nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
+        super().__init__(conv, bn, act)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str = "relu6"):
+        return cls(conv.in_channels, conv=conv, bn=bn, act=act)
+
+    def forward(self, x):
+        self._check_input(x)
+        c = self.conv
+        return ops.dw_conv_bn_act(x, c.weight, self.bn.weight, self.bn.bias, stride=c.stride[0],
+                                  padding=c.padding[0], dilation=c.dilation[0], **self._bn_args())
+
+
+class PWConvBNAct(_ConvBNAct):
+    """Pointwise 1x1 conv + BatchNorm + activation (+ residual), fused.
+
+    forward(x, residual=None) returns act(BN(conv(x))) + residual.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, act: str = "relu6",
+                 eps: float = 1e-5, momentum: float | None = 0.1, conv: nn.Conv2d | None = None,
+                 bn: nn.BatchNorm2d | None = None):
+        conv = conv if conv is not None else nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        bn = bn if bn is not None else nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
+        super().__init__(conv, bn, act)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str = "relu6"):
+        return cls(conv.in_channels, conv.out_channels, conv=conv, bn=bn, act=act)
+
+    def forward(self, x, residual=None):
+        self._check_input(x)
+        return ops.pw_conv_bn_act(x, self.conv.weight, self.bn.weight, self.bn.bias,
+                                  residual=residual, **self._bn_args())
+
+
+class DepthwiseSeparable(nn.Sequential):
+    """MobileNetV1 block: depthwise 3x3 + BN + act, then pointwise 1x1 + BN + act."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
+                 act: str = "relu6"):
+        super().__init__(DWConvBNAct(in_channels, 3, stride, act=act),
+                         PWConvBNAct(in_channels, out_channels, act=act))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: optional expand 1x1 (ReLU6), depthwise 3x3 (ReLU6), linear
+    1x1 projection, and the residual when stride is 1 and in == out, added in the
+    projection's epilogue. Children follow torchvision's InvertedResidual
+    (`conv.0` ... `conv.3`), so its state_dict loads unchanged."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int,
+                 act: str = "relu6"):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"stride: must be 1 or 2, got {stride}")
+        hidden = int(round(in_channels * expand_ratio))
+        self.use_res_connect = stride == 1 and in_channels == out_channels
+        layers = []
+        if expand_ratio != 1:
+            layers.append(PWConvBNAct(in_channels, hidden, act=act))
+        layers += [DWConvBNAct(hidden, 3, stride, act=act),
+                   nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)]
+        self.conv = nn.Sequential(*layers)
+        self.out_channels = out_channels
+        self.stride = stride
+
+    def forward(self, x):
+        h = x
+        for m in list(self.conv)[:-2]:
+            h = m(h)
+        proj, bn = self.conv[-2], self.conv[-1]
+        rm, rv, training, momentum = bn_call_args(bn, self.training)
+        return ops.pw_conv_bn_act(h, proj.weight, bn.weight, bn.bias, rm, rv,
+                                  residual=x if self.use_res_connect else None,
+                                  training=training, momentum=momentum, eps=bn.eps,
+                                  act="identity")
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, residual={self.use_res_connect}"
+
+    def _mbx_fused_convs(self, in_hw, out_hw):
+        """The projection 1x1 conv (run inside this module's forward) for cost.profile."""
+        return [(self.conv[-2], out_hw)]
