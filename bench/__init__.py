@@ -4,6 +4,7 @@ Every row is checked before it is timed: both providers are compared with the ea
 composition run in higher precision, and a row whose outputs (or gradients) are off is
 reported FAILED and never timed. See `python -m bench --help`.
 
-Modules: shapes (layer table read off torchvision), dw (the depthwise problem and its
-providers), core (checking and timing, op-agnostic), report (table, totals, JSON), cli.
+Modules: shapes (layer tables read off torchvision), problem (what every op shares:
+inputs, the timed step, its outputs, byte and flop counts), dw and pw (each op's eager
+template and providers), core (checking and timing), report (table, totals, JSON), cli.
 """

@@ -5,18 +5,18 @@ import argparse
 import copy
 import gc
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 import mobilenet_ext
 
-from . import core, dw, report
-from .shapes import DWLayer, mobilenet_v2_dw_layers
+from . import core, dw, problem, pw, report
+from .problem import Op
 
+OPS = {"dw": dw.OP, "pw": pw.OP}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-QUICK = ((144, 56, 2), (960, 7, 1))  # (c, h, stride): one stride-2 and one small stride-1 layer
 # per device: dtype, batch, repeats, warmup (--quick: repeats, warmup)
 DEFAULTS = {"cuda": ("fp16", 128, 100, 10, 20, 3), "cpu": ("fp32", 8, 10, 3, 3, 2)}
 
@@ -35,18 +35,21 @@ class Config:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="mobilenet_ext's fused depthwise conv+BN+ReLU6 ('ours') against eager "
-                    "PyTorch ('eager': Conv2d, BatchNorm2d, ReLU6 as torchvision runs them) on "
-                    "every MobileNetV2 depthwise layer. Outputs are checked before timing.")
-    p.add_argument("--op", choices=["dw"], default="dw", help="op family (default dw)")
+        description="mobilenet_ext's fused conv+BN+activation ops ('ours') against eager "
+                    "PyTorch ('eager': Conv2d, BatchNorm2d, ReLU6, + residual as torchvision "
+                    "runs them) on every MobileNetV2 depthwise and pointwise layer. Outputs "
+                    "are checked before timing.")
+    p.add_argument("--op", choices=[*OPS, "all"], default="all",
+                   help="dw: depthwise 3x3 layers; pw: 1x1 layers (expansion, projection with "
+                        "or without residual, last conv); all: both (default)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default fp16 on GPU, fp32 on CPU")
     p.add_argument("--batch", type=int, help="default 128 on GPU, 8 on CPU")
     p.add_argument("--layout", choices=list(LAYOUTS), default="channels_last")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both",
                    help="infer: eval forward without grad; train: training forward + "
-                        "backward to x, conv weight, BN weight and bias")
+                        "backward to x (and the residual), conv weight, BN weight and bias")
     p.add_argument("--quick", action="store_true",
-                   help=f"{len(QUICK)} layers and few repeats: a smoke run")
+                   help="one layer per op and few repeats: a smoke run")
     p.add_argument("--json", metavar="PATH", help="write environment, args and raw rows here")
     p.add_argument("--repeats", type=int, help="timed calls per row (default 100 GPU, 10 CPU)")
     p.add_argument("--warmup", type=int, help="untimed calls before timing")
@@ -95,25 +98,32 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
-def bench_case(layer: DWLayer, mode: str, cfg: Config, skip: dict[str, str],
-               providers=dw.PROVIDERS, progress=None) -> list[dict]:
-    """Check, then time, every provider on one layer and mode; plus the copy baseline."""
-    nbytes = dw.layer_bytes(layer, cfg.batch, cfg.dtype, mode)
-    base = {"op": "dw", "layer": layer.name, "c": layer.c, "h": layer.h, "w": layer.w,
-            "stride": layer.stride, "k": layer.k, "count": layer.count, "mode": mode,
+def bench_case(op: Op, layer, mode: str, cfg: Config, skip: dict[str, str], providers=None,
+               progress=None) -> list[dict]:
+    """Check, then time, every provider (default op.providers) on one layer and mode; plus
+    the copy baseline."""
+    providers = op.providers if providers is None else providers
+    nbytes = problem.layer_bytes(layer, cfg.batch, cfg.dtype, mode)
+    flops = problem.layer_flops(layer, cfg.batch, mode)
+    base = {"op": op.name, "layer": layer.name, **asdict(layer), "mode": mode,
             "dtype": str(cfg.dtype).removeprefix("torch."),
             "layout": "channels_last" if cfg.fmt == torch.channels_last else "nchw",
-            "batch": cfg.batch, "bytes": nbytes, "buffers": None, "status": "ok",
-            "reason": None, "errors": None, "stats": None, "copy": None}
+            "batch": cfg.batch, "bytes": nbytes, "flops": flops, "intensity": flops / nbytes,
+            "buffers": None, "status": "ok", "reason": None, "errors": None, "stats": None,
+            "copy": None}
     rows = [dict(base, provider=name, backend=cfg.backend if name == "ours" else "torch")
             for name in providers]
     try:
-        template = dw.eager_template(layer, cfg.dtype, cfg.fmt, cfg.device)
-        buffers = dw.make_inputs(layer, cfg.batch, cfg.dtype, cfg.fmt, cfg.device, mode,
-                                 core.n_buffers(nbytes, cfg.device))
+        template = op.template(layer, cfg.dtype, cfg.fmt, cfg.device)
+        buffers = problem.make_inputs(layer, cfg.batch, cfg.dtype, cfg.fmt, cfg.device, mode,
+                                      core.n_buffers(nbytes, cfg.device))
         ref_dtype = core.REF_DTYPE[cfg.dtype]
-        ref = dw.outputs(copy.deepcopy(template).to(ref_dtype).train(mode == "train"),
-                         *dw.cast_inputs(*buffers[0], ref_dtype, cfg.fmt, mode), mode)
+        truth = copy.deepcopy(template).to(ref_dtype).train(mode == "train")
+        with core.for_reference():
+            ref = problem.outputs(truth, layer,
+                                  *problem.cast_inputs(*buffers[0], ref_dtype, cfg.fmt, mode),
+                                  mode)
+        del truth
     except Exception as e:  # e.g. out of memory: every provider's row says so
         for row in rows:
             row.update(status="error", reason=f"setup: {_error(e)}")
@@ -127,7 +137,8 @@ def bench_case(layer: DWLayer, mode: str, cfg: Config, skip: dict[str, str],
             row.update(status="skipped", reason=skip[row["provider"]])
         else:
             try:
-                _check_and_time(row, build(template), buffers, ref, checked, mode, cfg)
+                _check_and_time(row, build(template), layer, buffers, ref, checked, mode,
+                                cfg)
             except Exception as e:  # one broken provider must not stop the table
                 row.update(status="error", reason=_error(e))
         if progress:
@@ -140,18 +151,19 @@ def bench_case(layer: DWLayer, mode: str, cfg: Config, skip: dict[str, str],
     return rows
 
 
-def _check_and_time(row, module, buffers, ref, checked, mode, cfg) -> None:
+def _check_and_time(row, module, layer, buffers, ref, checked, mode, cfg) -> None:
     """Compare one provider's first step with the reference; time it only if it passes."""
     module.train(mode == "train")
-    got = checked[row["provider"]] = dw.outputs(module, *buffers[0], mode)
+    got = checked[row["provider"]] = problem.outputs(module, layer, *buffers[0], mode)
     base = got if row["provider"] == report.BASELINE else checked.get(report.BASELINE)
-    row["errors"], why = core.compare(got, ref, cfg.dtype, dw.SLACK, base)
+    row["errors"], why = core.compare(got, ref, cfg.dtype,
+                                      {name: problem.slack(name) for name in ref}, base)
     if not got["y"].is_contiguous(memory_format=cfg.fmt):
         why = "; ".join(filter(None, [why, "y is not in the input's memory format"]))
     if why:
         row.update(status="FAILED", reason=why)
         return
-    call = core.rotating(dw.make_step(module, mode), buffers)
+    call = core.rotating(problem.make_step(module, mode), buffers)
     row["stats"] = core.measure(call, cfg.device, warmup=cfg.warmup,
                                 repeats=cfg.repeats).asdict()
 
@@ -174,8 +186,8 @@ def _progress(total: int):
         ms = row["stats"]["median"] if row["stats"] else None
         what = f"{report.num(ms, 4)} ms, {report.num(row['bytes'] / ms / 1e6, 3)} GB/s" if ms \
             else f"{row['status']}: {row['reason']}"
-        print(f"[{done[0]}/{total}] {row['layer']} {row['mode']} {row['provider']}: {what}",
-              file=sys.stderr, flush=True)
+        print(f"[{done[0]}/{total}] {row['op']} {row['layer']} {row['mode']} "
+              f"{row['provider']}: {what}", file=sys.stderr, flush=True)
     return show
 
 
@@ -184,10 +196,10 @@ def main(argv=None) -> int:
     cfg = resolve(args)
     if cfg.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # eager at its best, as in training scripts
-    layers = mobilenet_v2_dw_layers()
-    if args.quick:
-        layers = [lay for lay in layers if (lay.c, lay.h, lay.stride) in QUICK]
-    modes = dw.MODES if args.mode == "both" else (args.mode,)
+    ops = list(OPS.values()) if args.op == "all" else [OPS[args.op]]
+    layers = {op.name: [lay for lay in op.layers() if not args.quick or op.quick(lay)]
+              for op in ops}
+    modes = problem.MODES if args.mode == "both" else (args.mode,)
     why = _ours_unavailable(cfg)
     skip = {"ours": why} if why else {}
     if cfg.device.type == "cpu":
@@ -195,17 +207,19 @@ def main(argv=None) -> int:
               "GPU numbers need a GPU", file=sys.stderr)
     if why:
         print(f"ours: skipped: {why}", file=sys.stderr)
-    print(f"bench dw: {len(layers)} layers x {len(modes)} modes, {args.dtype}, {args.layout}, "
-          f"batch {cfg.batch}, {cfg.repeats} repeats on {cfg.device.type}", file=sys.stderr)
+    print(f"bench {' + '.join(f'{len(lays)} {name}' for name, lays in layers.items())} layers "
+          f"x {len(modes)} modes, {args.dtype}, {args.layout}, batch {cfg.batch}, "
+          f"{cfg.repeats} repeats on {cfg.device.type}", file=sys.stderr)
 
-    show = _progress(len(layers) * len(modes) * len(dw.PROVIDERS))
+    show = _progress(sum(len(layers[op.name]) * len(op.providers) for op in ops) * len(modes))
     rows = []
-    for mode in modes:
-        for layer in layers:
-            rows += bench_case(layer, mode, cfg, skip, progress=show)
-            gc.collect()
-            if cfg.device.type == "cuda":
-                torch.cuda.empty_cache()
+    for op in ops:
+        for mode in modes:
+            for layer in layers[op.name]:
+                rows += bench_case(op, layer, mode, cfg, skip, progress=show)
+                gc.collect()
+                if cfg.device.type == "cuda":
+                    torch.cuda.empty_cache()
     report.finish(rows)
     total_rows = report.totals(rows)
 
@@ -216,7 +230,8 @@ def main(argv=None) -> int:
     print(report.render(rows, total_rows, show_copy=cfg.device.type == "cuda"))
     bad = [r for r in rows if r["status"] in ("FAILED", "error")]
     for r in bad:
-        print(f"{r['status']}: {r['layer']} {r['mode']} {r['provider']}: {r['reason']}")
+        print(f"{r['status']}: {r['op']} {r['layer']} {r['mode']} {r['provider']}: "
+              f"{r['reason']}")
     if cfg.device.type == "cpu":
         print("CPU numbers only: GPU numbers need a GPU (run bench/gpu_check.sh there).")
     if args.json:

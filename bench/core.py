@@ -9,6 +9,7 @@ from and written to HBM as it is in a network. On a CPU it is time.perf_counter 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -22,6 +23,22 @@ REF_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
              torch.float32: torch.float64, torch.float64: torch.float64}
 # an error (normwise, see rel_err) up to this always passes
 TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+@contextlib.contextmanager
+def for_reference():
+    """How the reference runs: fp32 convolutions and matmuls in full fp32 (cuDNN convs
+    default to TF32, which keeps fp16's 10 mantissa bits and would leave the fp32 truth for
+    an fp16 1x1 conv, a GEMM on tensor cores, as rough as the result checked), and without
+    cuDNN's benchmark mode (it would time every algorithm for a call made once)."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision, torch.backends.cudnn.benchmark
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision, torch.backends.cudnn.benchmark = saved
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

@@ -17,46 +17,61 @@ BASELINE = "eager"
 
 
 def finish(rows: list[dict]) -> None:
-    """Fill gbps, pct_copy and speedup (over eager on the same layer and mode) in place."""
-    base = {(r["layer"], r["mode"]): r["stats"]["median"] for r in rows
+    """Fill gbps, tflops, pct_copy and speedup (over eager on the same op, layer and mode) in
+    place."""
+    base = {(r["op"], r["layer"], r["mode"]): r["stats"]["median"] for r in rows
             if r["provider"] == BASELINE and r["stats"]}
     for r in rows:
         ms = r["stats"]["median"] if r["stats"] else None
         copy = r.get("copy")
         r["gbps"] = r["bytes"] / ms / 1e6 if ms else None
+        r["tflops"] = r["flops"] / ms / 1e9 if ms else None
         r["pct_copy"] = 100 * r["gbps"] / copy["gbps"] if ms and copy else None
-        b = base.get((r["layer"], r["mode"]))
+        b = base.get((r["op"], r["layer"], r["mode"]))
         r["speedup"] = b / ms if ms and b else None
 
 
 def totals(rows: list[dict]) -> list[dict]:
-    """Per mode and provider: the network's time, sum of count x median, over the layers
-    where every provider that ran is ok (the label says so when some layer is left out)."""
+    """Per op, mode and provider: the network's time, sum of count x median, over the layers
+    where every provider that ran is ok (the label says so when some layer is left out).
+    With several ops, also their sum (op "all") per mode and provider."""
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    groups = [(op, {op}) for op in ops] + ([("all", set(ops))] if len(ops) > 1 else [])
     out = []
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        rs = [r for r in rows if r["mode"] == mode]
-        layers = list(dict.fromkeys(r["layer"] for r in rs))
-        ran = {r["provider"] for r in rs if r["status"] != "skipped"}
-        ok = [lay for lay in layers if all(r["status"] == "ok" for r in rs
-                                           if r["layer"] == lay and r["provider"] in ran)]
-        if not ok:
-            continue
-        label = "TOTAL" if len(ok) == len(layers) else f"TOTAL {len(ok)}/{len(layers)}"
-        for prov in dict.fromkeys(r["provider"] for r in rs if r["provider"] in ran):
-            sel = [r for r in rs if r["provider"] == prov and r["layer"] in ok]
-            ms = sum(r["count"] * r["stats"]["median"] for r in sel)
-            nbytes = sum(r["count"] * r["bytes"] for r in sel)
-            copied = [r["copy"] for r in sel if r.get("copy")]
-            copy = None
-            if len(copied) == len(sel):
-                copy_ms = sum(r["count"] * c["stats"]["median"] for r, c in zip(sel, copied))
-                copy_bytes = sum(r["count"] * c["bytes"] for r, c in zip(sel, copied))
-                copy = {"bytes": copy_bytes, "stats": {"median": copy_ms},
-                        "gbps": copy_bytes / copy_ms / 1e6}
-            out.append({"layer": label, "count": sum(r["count"] for r in sel), "mode": mode,
-                        "provider": prov, "status": "ok", "reason": None, "bytes": nbytes,
-                        "stats": {"median": ms}, "copy": copy, "layers": ok})
+    for name, members in groups:
+        for mode in dict.fromkeys(r["mode"] for r in rows if r["op"] in members):
+            rs = [r for r in rows if r["mode"] == mode and r["op"] in members]
+            out += _total(name, mode, rs)
     finish(out)
+    return out
+
+
+def _total(op: str, mode: str, rs: list[dict]) -> list[dict]:
+    layers = list(dict.fromkeys((r["op"], r["layer"]) for r in rs))
+    ran = {r["provider"] for r in rs if r["status"] != "skipped"}
+    ok = [lay for lay in layers if all(r["status"] == "ok" for r in rs
+                                       if (r["op"], r["layer"]) == lay and r["provider"] in ran)]
+    if not ok:
+        return []
+    label = "TOTAL" if len(ok) == len(layers) else f"TOTAL {len(ok)}/{len(layers)}"
+    out = []
+    for prov in dict.fromkeys(r["provider"] for r in rs if r["provider"] in ran):
+        sel = [r for r in rs if r["provider"] == prov and (r["op"], r["layer"]) in ok]
+        ms = sum(r["count"] * r["stats"]["median"] for r in sel)
+        nbytes = sum(r["count"] * r["bytes"] for r in sel)
+        flops = sum(r["count"] * r["flops"] for r in sel)
+        copied = [r["copy"] for r in sel if r.get("copy")]
+        copy = None
+        if len(copied) == len(sel):
+            copy_ms = sum(r["count"] * c["stats"]["median"] for r, c in zip(sel, copied))
+            copy_bytes = sum(r["count"] * c["bytes"] for r, c in zip(sel, copied))
+            copy = {"bytes": copy_bytes, "stats": {"median": copy_ms},
+                    "gbps": copy_bytes / copy_ms / 1e6}
+        out.append({"op": op, "layer": label, "count": sum(r["count"] for r in sel),
+                    "mode": mode, "provider": prov, "status": "ok", "reason": None,
+                    "bytes": nbytes, "flops": flops, "intensity": flops / nbytes,
+                    "stats": {"median": ms}, "copy": copy,
+                    "layers": [f"{o} {lay}" for o, lay in ok]})
     return out
 
 
@@ -68,22 +83,24 @@ def num(v: float | None, digits: int) -> str:
 
 
 def render(rows: list[dict], total_rows: list[dict], show_copy: bool) -> str:
-    """A compact table, grouped by mode, each mode closed by its TOTAL rows."""
-    head = ["layer", "n", "mode", "provider", "ms", "GB/s"] + (["%copy"] if show_copy else []) \
-        + ["speedup", "status"]
+    """A compact table, grouped by op and mode, each group closed by its TOTAL rows; the
+    totals over all ops (when there are several) come last. flop/B is the layer's
+    arithmetic intensity (flops over the minimal bytes)."""
+    head = ["op", "layer", "n", "mode", "provider", "flop/B", "ms", "GB/s"] + \
+        (["%copy"] if show_copy else []) + ["speedup", "status"]
     body = []
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        for r in [r for r in rows if r["mode"] == mode] + \
-                [t for t in total_rows if t["mode"] == mode]:
+    for op, mode in dict.fromkeys((r["op"], r["mode"]) for r in rows + total_rows):
+        for r in [r for r in rows if (r["op"], r["mode"]) == (op, mode)] + \
+                [t for t in total_rows if (t["op"], t["mode"]) == (op, mode)]:
             ms = r["stats"]["median"] if r["stats"] else None
-            cells = [r["layer"], str(r["count"]), r["mode"], r["provider"], num(ms, 4),
-                     num(r["gbps"], 3)]
+            cells = [r["op"], r["layer"], str(r["count"]), r["mode"], r["provider"],
+                     num(r["intensity"], 2), num(ms, 4), num(r["gbps"], 3)]
             cells += [num(r["pct_copy"], 2)] if show_copy else []
             cells += ["-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
                       r["status"] if r["status"] != "ok" else ""]
             body.append(cells)
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
-    left = {0, 2, 3, len(head) - 1}
+    left = {0, 1, 3, 4, len(head) - 1}
 
     def line(cells):
         return "  ".join(c.ljust(w) if i in left else c.rjust(w)
@@ -146,6 +163,6 @@ def environment(device: torch.device) -> dict:
 def write_json(path: str, env: dict, args: dict, rows: list[dict], total_rows: list[dict]):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"schema": 1, "environment": env, "args": args, "rows": rows,
+        json.dump({"schema": 2, "environment": env, "args": args, "rows": rows,
                    "totals": total_rows}, f, indent=1)
         f.write("\n")

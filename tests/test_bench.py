@@ -1,5 +1,6 @@
 """The benchmark's pieces: layer table, byte counts, checking, table, CLI. Never timings."""
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,8 +9,8 @@ import sys
 import torch
 from torch import nn
 
-from bench import cli, core, dw, report
-from bench.shapes import DWLayer, mobilenet_v2_dw_layers
+from bench import cli, core, dw, problem, pw, report
+from bench.shapes import DWLayer, PWLayer, mobilenet_v2_dw_layers, mobilenet_v2_pw_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,14 +38,81 @@ def test_shape_table_matches_mobilenet_v2():
     assert sum(lay.count for lay in layers) == 17
 
 
+# The 1x1 convs of the same blocks. A block (in -> out, stride s, expansion t) runs
+# expand in -> in*t at its input size (none when t == 1), the depthwise conv, then project
+# in*t -> out at the output size, with the residual when s == 1 and in == out; after the
+# blocks, the last conv 320 -> 1280 at 7x7 (ReLU6). (kind, Cin, Cout, H, residual, count):
+MOBILENET_V2_PW = [
+    ("project", 32, 16, 112, False, 1),   # 16: t=1, 32 -> 16
+    ("expand", 16, 96, 112, False, 1),    # 24 block 1 (s2)
+    ("project", 96, 24, 56, False, 1),
+    ("expand", 24, 144, 56, False, 2),    # 24 block 2 and 32 block 1
+    ("project", 144, 24, 56, True, 1),    # 24 block 2: s1, 24 == 24
+    ("project", 144, 32, 28, False, 1),   # 32 block 1 (s2)
+    ("expand", 32, 192, 28, False, 3),    # 32 blocks 2-3 and 64 block 1
+    ("project", 192, 32, 28, True, 2),    # 32 blocks 2-3
+    ("project", 192, 64, 14, False, 1),   # 64 block 1 (s2)
+    ("expand", 64, 384, 14, False, 4),    # 64 blocks 2-4 and 96 block 1
+    ("project", 384, 64, 14, True, 3),    # 64 blocks 2-4
+    ("project", 384, 96, 14, False, 1),   # 96 block 1: s1 but 64 != 96
+    ("expand", 96, 576, 14, False, 3),    # 96 blocks 2-3 and 160 block 1
+    ("project", 576, 96, 14, True, 2),    # 96 blocks 2-3
+    ("project", 576, 160, 7, False, 1),   # 160 block 1 (s2)
+    ("expand", 160, 960, 7, False, 3),    # 160 blocks 2-3 and 320
+    ("project", 960, 160, 7, True, 2),    # 160 blocks 2-3
+    ("project", 960, 320, 7, False, 1),   # 320: s1 but 160 != 320
+    ("last", 320, 1280, 7, False, 1),
+]
+
+
+def test_pw_shape_table_matches_mobilenet_v2():
+    layers = mobilenet_v2_pw_layers()
+    assert [(lay.kind, lay.cin, lay.cout, lay.h, lay.residual, lay.count)
+            for lay in layers] == MOBILENET_V2_PW
+    assert all(lay.w == lay.h for lay in layers)
+    assert {lay.act for lay in layers if lay.kind == "project"} == {"identity"}
+    assert {lay.act for lay in layers if lay.kind != "project"} == {"relu6"}
+    count = {kind: sum(lay.count for lay in layers if lay.kind == kind)
+             for kind in ("expand", "project", "last")}
+    assert count == {"expand": 16, "project": 17, "last": 1}
+    assert sum(lay.count for lay in layers if lay.residual) == 10
+    assert layers[4].name == "project 144->24@56x56 +res"
+    assert layers[1].name == "expand 16->96@112x112"
+
+
 def test_layer_geometry_and_bytes():
     lay = DWLayer(144, 56, 56, 2)
     assert lay.out_hw == (28, 28) and DWLayer(960, 7, 7, 1).out_hw == (7, 7)
     assert lay.name == "144@56x56 s2"
     # x: 4*144*56*56 halves = 3,612,672 B; y: 4*144*28*28 halves = 903,168 B
-    assert dw.layer_bytes(lay, 4, torch.float16, "infer") == 3_612_672 + 903_168
-    assert dw.layer_bytes(lay, 4, torch.float16, "train") == 2 * (3_612_672 + 903_168)
-    assert dw.layer_bytes(lay, 4, torch.float32, "infer") == 2 * (3_612_672 + 903_168)
+    assert problem.layer_bytes(lay, 4, torch.float16, "infer") == 3_612_672 + 903_168
+    assert problem.layer_bytes(lay, 4, torch.float16, "train") == 2 * (3_612_672 + 903_168)
+    assert problem.layer_bytes(lay, 4, torch.float32, "infer") == 2 * (3_612_672 + 903_168)
+    # 4*144*28*28 outputs, 9 multiply-adds each; training 3x (forward, dx, dweight)
+    assert problem.layer_flops(lay, 4, "infer") == 2 * 4_064_256
+    assert problem.layer_flops(lay, 4, "train") == 6 * 4_064_256
+
+
+def test_pw_bytes_and_flops():
+    lay = PWLayer("project", 144, 24, 56, 56, "identity", residual=True)
+    # x: 4*144*56*56 halves = 3,612,672 B; y and the residual: 4*24*56*56 halves = 602,112 B
+    assert problem.layer_bytes(lay, 4, torch.float16, "infer") == 3_612_672 + 2 * 602_112
+    assert problem.layer_bytes(lay, 4, torch.float16, "train") == \
+        2 * (3_612_672 + 2 * 602_112)
+    # 4*56*56 pixels x 144*24 multiply-adds = 43,352,064
+    assert problem.layer_flops(lay, 4, "infer") == 2 * 43_352_064
+    assert problem.layer_flops(lay, 4, "train") == 6 * 43_352_064
+    # flop/B = 2*Cin*Cout / ((Cin + 2*Cout) * 2 B) = 18
+    assert problem.layer_flops(lay, 4, "infer") / \
+        problem.layer_bytes(lay, 4, torch.float16, "infer") == 18.0
+    expand = PWLayer("expand", 16, 96, 112, 112, "relu6")
+    # x: 2*16*112*112 floats = 1,605,632 B; y: 2*96*112*112 floats = 9,633,792 B
+    assert problem.layer_bytes(expand, 2, torch.float32, "infer") == 1_605_632 + 9_633_792
+    assert problem.output_names(lay, "train") == (
+        "y", "dx", "dresidual", "dweight", "dbn_weight", "dbn_bias", "running_mean",
+        "running_var")
+    assert problem.output_names(expand, "train")[:3] == ("y", "dx", "dweight")
+    assert problem.output_names(expand, "infer") == ("y",)
 
 
 def test_compare_against_truth():
@@ -66,6 +134,21 @@ def test_compare_against_truth():
     assert "shape" in core.compare({"y": torch.zeros(2)}, ref, torch.float32, {"y": 2.0})[1]
 
 
+def test_reference_runs_in_full_fp32_without_autotuning():
+    def flags():
+        return (torch.backends.cudnn.conv.fp32_precision,
+                torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.benchmark)
+
+    torch.backends.cudnn.benchmark = True  # as the benchmark runs eager on a GPU
+    try:
+        before = flags()
+        with core.for_reference():
+            assert flags() == ("ieee", "ieee", False)
+        assert flags() == before
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
 class _Off(nn.Module):
     """Eager, 5% off: a provider the check must reject."""
 
@@ -73,8 +156,8 @@ class _Off(nn.Module):
         super().__init__()
         self.inner = copy.deepcopy(template)
 
-    def forward(self, x):
-        return self.inner(x) * 1.05
+    def forward(self, *inputs):
+        return self.inner(*inputs) * 1.05
 
 
 def _raises(template):
@@ -85,7 +168,7 @@ def test_wrong_provider_is_failed_and_not_timed():
     cfg = cli.Config(torch.device("cpu"), torch.float32, torch.channels_last, batch=2,
                      repeats=1, warmup=0, backend="cpu")
     providers = {"eager": copy.deepcopy, "off": _Off, "broken": _raises, "absent": _raises}
-    rows = cli.bench_case(DWLayer(8, 9, 9, 2), "train", cfg, {"absent": "not built"},
+    rows = cli.bench_case(dw.OP, DWLayer(8, 9, 9, 2), "train", cfg, {"absent": "not built"},
                           providers=providers)
     by = {r["provider"]: r for r in rows}
     assert by["eager"]["status"] == "ok" and by["eager"]["stats"]["n"] == 1
@@ -96,9 +179,38 @@ def test_wrong_provider_is_failed_and_not_timed():
     assert by["absent"]["status"] == "skipped" and by["absent"]["reason"] == "not built"
 
 
-def _row(layer, count, mode, provider, ms, status="ok"):
-    return {"layer": layer, "count": count, "mode": mode, "provider": provider,
+def _cpu_cfg():
+    return cli.Config(torch.device("cpu"), torch.float32, torch.channels_last, batch=2,
+                      repeats=1, warmup=0, backend="cpu")
+
+
+def test_pw_providers_checked_with_residual():
+    """Eager and ours agree on a projection with residual (every gradient, the residual's
+    included) and on an expansion (ReLU6); a provider 5% off fails on dresidual too."""
+    proj = PWLayer("project", 24, 8, 5, 5, "identity", residual=True)
+    providers = dict(pw.OP.providers, off=_Off)
+    rows = cli.bench_case(pw.OP, proj, "train", _cpu_cfg(), {}, providers=providers)
+    by = {r["provider"]: r for r in rows}
+    assert by["eager"]["status"] == "ok" and by["ours"]["status"] == "ok", rows
+    assert set(by["ours"]["errors"]) == set(problem.output_names(proj, "train"))
+    assert by["ours"]["errors"]["dresidual"] < 1e-6
+    assert by["off"]["status"] == "FAILED" and "dresidual: err" in by["off"]["reason"]
+    assert by["ours"]["flops"] == 6 * 2 * 25 * 24 * 8 and by["ours"]["residual"] is True
+    assert by["ours"]["kind"] == "project" and by["ours"]["cin"] == 24
+    template = pw.OP.template(proj, torch.float32, torch.channels_last, torch.device("cpu"))
+    assert isinstance(template.act, nn.Identity) and pw.Fused(template).act == "identity"
+
+    expand = PWLayer("expand", 8, 24, 5, 5, "relu6")
+    rows = cli.bench_case(pw.OP, expand, "infer", _cpu_cfg(), {})
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    template = pw.OP.template(expand, torch.float32, torch.channels_last, torch.device("cpu"))
+    assert isinstance(template.act, nn.ReLU6) and pw.Fused(template).act == "relu6"
+
+
+def _row(layer, count, mode, provider, ms, status="ok", op="dw"):
+    return {"op": op, "layer": layer, "count": count, "mode": mode, "provider": provider,
             "status": status, "reason": None if status == "ok" else "why", "bytes": 1_000_000,
+            "flops": 4_000_000, "intensity": 4.0,
             "stats": {"median": ms} if status == "ok" else None,
             "copy": {"bytes": 1_000_000, "stats": {"median": 0.0005}, "gbps": 2000.0}}
 
@@ -107,30 +219,57 @@ def test_totals_and_table():
     rows = [_row("a", 1, "infer", "eager", 0.002), _row("a", 1, "infer", "ours", 0.001),
             _row("b", 3, "infer", "eager", 0.004), _row("b", 3, "infer", "ours", 0.002),
             _row("a", 1, "train", "eager", 0.010), _row("a", 1, "train", "ours", 0.005),
-            _row("b", 3, "train", "eager", 0.020), _row("b", 3, "train", "ours", 0, "FAILED")]
+            _row("b", 3, "train", "eager", 0.020), _row("b", 3, "train", "ours", 0, "FAILED"),
+            # a pw layer named like a dw one: speedups and totals keep the ops apart
+            _row("a", 2, "infer", "eager", 0.003, op="pw"),
+            _row("a", 2, "infer", "ours", 0.006, op="pw")]
     report.finish(rows)
     assert rows[1]["gbps"] == 1000.0 and rows[1]["pct_copy"] == 50.0 and rows[1]["speedup"] == 2
-    tot = {(t["mode"], t["provider"]): t for t in report.totals(rows)}
+    assert rows[1]["tflops"] == 4.0 and rows[9]["speedup"] == 0.5
+    tot = {(t["op"], t["mode"], t["provider"]): t for t in report.totals(rows)}
     # infer: ours 0.001 + 3 * 0.002 ms for 4 MB; eager 0.002 + 3 * 0.004
-    assert abs(tot["infer", "ours"]["stats"]["median"] - 0.007) < 1e-12
-    assert abs(tot["infer", "ours"]["speedup"] - 2.0) < 1e-9
-    assert abs(tot["infer", "ours"]["gbps"] - 4e6 / 0.007 / 1e6) < 1e-6
-    assert tot["infer", "ours"]["layer"] == "TOTAL" and tot["infer", "ours"]["count"] == 4
+    assert abs(tot["dw", "infer", "ours"]["stats"]["median"] - 0.007) < 1e-12
+    assert abs(tot["dw", "infer", "ours"]["speedup"] - 2.0) < 1e-9
+    assert abs(tot["dw", "infer", "ours"]["gbps"] - 4e6 / 0.007 / 1e6) < 1e-6
+    assert tot["dw", "infer", "ours"]["intensity"] == 4.0
+    assert tot["dw", "infer", "ours"]["layer"] == "TOTAL"
+    assert tot["dw", "infer", "ours"]["count"] == 4
     # train: layer b failed for ours, so both totals cover layer a only, and say so
-    assert tot["train", "ours"]["layer"] == "TOTAL 1/2" and tot["train", "eager"]["count"] == 1
+    assert tot["dw", "train", "ours"]["layer"] == "TOTAL 1/2"
+    assert tot["dw", "train", "eager"]["count"] == 1
+    # all ops: dw's 0.007 + pw's 2 * 0.006 ms over 4 + 2 layers; train has no pw rows
+    assert abs(tot["all", "infer", "ours"]["stats"]["median"] - 0.019) < 1e-12
+    assert tot["all", "infer", "ours"]["count"] == 6
+    assert tot["all", "infer", "ours"]["layers"] == ["dw a", "dw b", "pw a"]
+    assert tot["all", "train", "ours"]["layer"] == "TOTAL 1/2"
 
     table = report.render(rows, list(tot.values()), show_copy=True)
     lines = table.splitlines()
-    assert lines[0].split() == ["layer", "n", "mode", "provider", "ms", "GB/s", "%copy",
-                                "speedup", "status"]
+    assert lines[0].split() == ["op", "layer", "n", "mode", "provider", "flop/B", "ms", "GB/s",
+                                "%copy", "speedup", "status"]
     assert set(lines[1]) == {"-"}
-    assert lines[3].split() == ["a", "1", "infer", "ours", "0.001000", "1000", "50", "2.00x"]
-    assert lines[6].split() == ["TOTAL", "4", "infer", "eager", "0.01400", "286", "14", "1.00x"]
-    assert lines[7].split()[:4] == ["TOTAL", "4", "infer", "ours"]
-    assert lines[11].split() == ["b", "3", "train", "ours", "-", "-", "-", "-", "FAILED"]
-    assert [ln.split()[0] for ln in lines[12:]] == ["TOTAL", "TOTAL"]
+    assert lines[3].split() == ["dw", "a", "1", "infer", "ours", "4.0", "0.001000", "1000",
+                                "50", "2.00x"]
+    assert lines[6].split() == ["dw", "TOTAL", "4", "infer", "eager", "4.0", "0.01400", "286",
+                                "14", "1.00x"]
+    assert lines[7].split()[:5] == ["dw", "TOTAL", "4", "infer", "ours"]
+    assert lines[11].split() == ["dw", "b", "3", "train", "ours", "4.0", "-", "-", "-", "-",
+                                 "FAILED"]
+    assert [ln.split()[:2] for ln in lines[12:14]] == [["dw", "TOTAL"]] * 2
+    assert [ln.split()[:2] for ln in lines[14:18]] == [["pw", "a"]] * 2 + [["pw", "TOTAL"]] * 2
+    assert [ln.split()[:4] for ln in lines[18:]] == \
+        [["all", "TOTAL", "6", "infer"]] * 2 + [["all", "TOTAL", "1/2", "1"]] * 2
     assert len({len(ln) for ln in lines[:2]}) == 1  # header as wide as the rule
     assert "%copy" not in report.render(rows, [], show_copy=False)
+
+
+LAYER_TYPES = {"dw": DWLayer, "pw": PWLayer}
+
+
+def test_cli_defaults():
+    assert cli.parse_args([]).op == "all" and cli.parse_args(["--op", "pw"]).op == "pw"
+    assert sum(map(dw.OP.quick, dw.OP.layers())) == 1
+    assert sum(map(pw.OP.quick, pw.OP.layers())) == 1
 
 
 def test_cli_cpu_quick_json(tmp_path):
@@ -143,7 +282,7 @@ def test_cli_cpu_quick_json(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "TOTAL" in res.stdout and "GPU numbers need a GPU" in res.stdout
-    assert "[8/8]" in res.stderr
+    assert "[8/8]" in res.stderr  # 1 dw + 1 pw layer x 2 modes x 2 providers
 
     data = json.loads(out.read_text())
     assert set(data) == {"schema", "environment", "args", "rows", "totals"}
@@ -153,9 +292,10 @@ def test_cli_cpu_quick_json(tmp_path):
         assert key in env
     assert env["device_type"] == "cpu" and env["torch"] == torch.__version__
     args = data["args"]
-    assert (args["dtype"], args["batch"], args["layout"], args["repeats"]) == \
-        ("fp32", 2, "channels_last", 2)
-    assert len(data["rows"]) == len(cli.QUICK) * 2 * 2
+    assert (args["op"], args["dtype"], args["batch"], args["layout"], args["repeats"]) == \
+        ("all", "fp32", 2, "channels_last", 2)
+    assert len(data["rows"]) == 2 * 2 * 2
+    assert {r["op"] for r in data["rows"]} == {"dw", "pw"}
     for row in data["rows"]:
         assert row["status"] == "ok", row
         assert row["provider"] in ("eager", "ours") and row["mode"] in ("infer", "train")
@@ -163,9 +303,14 @@ def test_cli_cpu_quick_json(tmp_path):
         assert row["stats"]["n"] == 2
         assert row["stats"]["min"] <= row["stats"]["p20"] <= row["stats"]["median"] \
             <= row["stats"]["p80"]
-        assert row["bytes"] == dw.layer_bytes(
-            DWLayer(row["c"], row["h"], row["w"], row["stride"]), 2, torch.float32, row["mode"])
+        cls = LAYER_TYPES[row["op"]]
+        layer = cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})
+        assert row["layer"] == layer.name
+        assert row["bytes"] == problem.layer_bytes(layer, 2, torch.float32, row["mode"])
+        assert row["flops"] == problem.layer_flops(layer, 2, row["mode"])
+        assert row["intensity"] == row["flops"] / row["bytes"]
         assert row["gbps"] > 0 and row["speedup"] > 0 and row["pct_copy"] is None
-        assert set(row["errors"]) == set(dw.OUTPUTS[row["mode"]])
-    assert {(t["mode"], t["provider"], t["layer"]) for t in data["totals"]} == \
-        {(m, p, "TOTAL") for m in ("infer", "train") for p in ("eager", "ours")}
+        assert set(row["errors"]) == set(problem.output_names(layer, row["mode"]))
+    assert {(t["op"], t["mode"], t["provider"], t["layer"]) for t in data["totals"]} == \
+        {(o, m, p, "TOTAL") for o in ("dw", "pw", "all") for m in ("infer", "train")
+         for p in ("eager", "ours")}

@@ -1,0 +1,239 @@
+"""Fused modules, models, convert()/revert() and the cost model."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import mobilenet_ext
+from mobilenet_ext import convert, cost, models, revert
+from mobilenet_ext.nn import DepthwiseSeparable, DWConvBNAct, InvertedResidual, PWConvBNAct
+
+timm = pytest.importorskip("timm")
+
+BACKENDS = [b for b in ("cpu", "reference") if mobilenet_ext.backends()[b].available]
+
+
+def randomise_bn(model):
+    """Non-trivial BN statistics and affine parameters, so folding errors show."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+MODELS = {
+    "tv_mobilenet_v2": lambda: torchvision.models.mobilenet_v2(dropout=0.0),
+    "tv_mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(dropout=0.0),
+    "timm_mobilenetv2_100": lambda: timm.create_model("mobilenetv2_100", drop_rate=0.0),
+    "ours_mobilenet_v2": lambda: models.mobilenet_v2(dropout=0.0),
+    "ours_mobilenet_v1": lambda: models.mobilenet_v1(dropout=0.0),
+}
+# fused conv+BN pairs convert() must find (all but the 3-channel stem), residual adds
+EXPECTED = {"tv_mobilenet_v2": (51, 10), "tv_mobilenet_v3_small": (33, 0),
+            "timm_mobilenetv2_100": (51, 0)}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    mobilenet_ext.set_backend(request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_convert_eval_matches(name, channels_last, backend):
+    torch.manual_seed(0)
+    model = randomise_bn(MODELS[name]()).eval()
+    fused, report = convert(model, return_report=True)
+    if name in EXPECTED:
+        assert (len(report.fused), len(report.residual)) == EXPECTED[name], str(report)
+    x = torch.randn(2, 3, 64, 48)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        fused = fused.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
+    assert list(fused.state_dict()) == list(model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["tv_mobilenet_v2", "tv_mobilenet_v3_small",
+                                  "timm_mobilenetv2_100", "ours_mobilenet_v2"])
+def test_convert_training_matches(name, backend):
+    """A few SGD steps in float64: loss, every gradient, parameters, running stats and
+    num_batches_tracked match the original model."""
+    torch.manual_seed(0)
+    model = randomise_bn(MODELS[name]()).double().train()
+    fused = convert(model)
+    opt_a = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt_b = torch.optim.SGD(fused.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(3):
+        x = torch.randn(3, 3, 40, 40, dtype=torch.float64)
+        la, lb = model(x).square().mean(), fused(x).square().mean()
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        la.backward()
+        lb.backward()
+        torch.testing.assert_close(lb, la, atol=1e-10, rtol=1e-9)
+        for (n, pa), pb in zip(model.named_parameters(), fused.parameters()):
+            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-9, rtol=1e-7, msg=n)
+        opt_a.step()
+        opt_b.step()
+    sa, sb = model.state_dict(), fused.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-9, rtol=1e-7, msg=k)
+
+
+def test_momentum_none_and_num_batches_tracked():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False),
+                          nn.BatchNorm2d(8, momentum=None), nn.ReLU6(),
+                          nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.SiLU())
+    fused = convert(model)
+    for _ in range(3):
+        x = torch.randn(2, 8, 7, 7)
+        torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[k], v, atol=1e-6, rtol=1e-5, msg=k)
+    assert int(fused.state_dict()["1.num_batches_tracked"]) == 3
+
+
+def test_state_dict_round_trips():
+    torch.manual_seed(0)
+    original = randomise_bn(torchvision.models.mobilenet_v2())
+    fused = convert(original)
+    # original -> converted
+    other = convert(torchvision.models.mobilenet_v2())
+    other.load_state_dict(original.state_dict())
+    # converted -> original
+    plain = torchvision.models.mobilenet_v2()
+    plain.load_state_dict(fused.state_dict())
+    reverted = revert(copy.deepcopy(fused))
+    for sd in (other.state_dict(), plain.state_dict(), reverted.state_dict()):
+        assert list(sd) == list(original.state_dict())
+        for k, v in original.state_dict().items():
+            assert torch.equal(sd[k], v), k
+    kinds = [type(m) for m in reverted.modules()]
+    assert kinds == [type(m) for m in original.modules()]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reverted.eval()(x), original.eval()(x))
+
+
+def test_convert_inplace_and_optimizer_params():
+    model = torchvision.models.mobilenet_v2()
+    params = {id(p) for p in model.parameters()}
+    fused = convert(model, inplace=True)
+    assert fused is model
+    assert {id(p) for p in fused.parameters()} == params  # optimizers keep working
+
+
+def test_convert_nothing_to_fuse():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    fused, report = convert(model, return_report=True)
+    assert "nothing to fuse" in str(report)
+    assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+
+
+def test_convert_report_lists_what_is_left(capsys):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=True), nn.BatchNorm2d(8),
+                          nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.GELU())
+    fused, report = convert(model, verbose=True, return_report=True)
+    out = capsys.readouterr().out
+    assert "fused 1" in out and "conv has a bias" in out and "pointwise" in out
+    assert [(n, k) for n, k, _ in report.fused] == [("5", "pointwise")]
+    x = torch.randn(2, 3, 16, 16)
+    model.eval()
+    fused.eval()
+    torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_converted_mobilenet_v2():
+    torch._dynamo.reset()
+    model = convert(randomise_bn(torchvision.models.mobilenet_v2())).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_models_load_torchvision_state_dict():
+    torch.manual_seed(0)
+    tv = randomise_bn(torchvision.models.mobilenet_v2()).eval()
+    ours = models.mobilenet_v2().eval()
+    ours.load_state_dict(tv.state_dict())  # strict: every key matches
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("width", [0.5, 1.0])
+@pytest.mark.parametrize("size", [128, 224, 97])
+def test_mobilenet_v1_any_resolution(width, size):
+    model = models.mobilenet_v1(width_mult=width, num_classes=10).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, size, size)).shape == (1, 10)
+
+
+def test_fused_modules():
+    dw = DWConvBNAct(8, 5, stride=2, act="hardswish")
+    pw = PWConvBNAct(8, 16, act="identity")
+    assert "hardswish" in repr(dw) and isinstance(dw.conv, nn.Conv2d) and \
+        isinstance(dw.bn, nn.BatchNorm2d)
+    x = torch.randn(2, 8, 9, 9)
+    ref = nn.functional.hardswish(dw.bn(dw.conv(x)))
+    dw.bn.num_batches_tracked.zero_()
+    torch.testing.assert_close(dw(x), ref, atol=1e-5, rtol=1e-5)
+    res = torch.randn(2, 16, 9, 9)
+    torch.testing.assert_close(pw(x, residual=res), pw.bn(pw.conv(x)) + res, atol=1e-5,
+                               rtol=1e-5)
+    half = PWConvBNAct(8, 16).half().eval()
+    assert half(x.half()).dtype == torch.float16
+    block = InvertedResidual(16, 16, 1, 6)
+    assert block.use_res_connect and "residual=True" in repr(block)
+    assert DepthwiseSeparable(8, 16, 2)(x).shape == (2, 16, 5, 5)
+    with pytest.raises(ValueError, match="expected input"):
+        dw(torch.randn(2, 7, 9, 9))
+    with pytest.raises(ValueError, match="act: unknown activation"):
+        PWConvBNAct(8, 16, act="gelu")
+
+
+# ------------------------------------------------------------------ cost
+
+def test_cost_formulas():
+    std = cost.standard_conv(3, 32, 64, 112)
+    dw, pw = cost.depthwise_conv(3, 32, 112), cost.pointwise_conv(32, 64, 112)
+    assert std == cost.Cost(3 * 3 * 32 * 64, 3 * 3 * 32 * 64 * 112 * 112)
+    assert dw.macs == 3 * 3 * 32 * 112 * 112 and pw.macs == 32 * 64 * 112 * 112
+    assert (dw.macs + pw.macs) / std.macs == pytest.approx(cost.separable_ratio(3, 64))
+    assert cost.separable_ratio(3, 64) == pytest.approx(1 / 64 + 1 / 9)
+    half = cost.pointwise_conv(32, 64, 112, alpha=0.5, rho=0.5)
+    assert half.macs == 16 * 32 * 56 * 56 and half.params == 16 * 32
+
+
+@pytest.mark.parametrize("build,params,macs", [
+    # the papers' numbers (conv and linear layers, 224x224): MobileNetV1 1.0 4.2M / 569M,
+    # MobileNetV2 1.0 3.4M / 300M (counting gives 3.47M parameters: the paper truncates)
+    (models.mobilenet_v1, 4.2e6, 569e6),
+    (models.mobilenet_v2, 3.4e6, 300e6),
+    (torchvision.models.mobilenet_v2, 3.4e6, 300e6),
+])
+def test_profile_reproduces_papers(build, params, macs):
+    p = cost.profile(build())
+    assert round(p.macs / 1e6) in (round(macs / 1e6), round(macs / 1e6) + 1)
+    assert int(p.params / 1e5) / 10 == params / 1e6 or round(p.params / 1e5) / 10 == params / 1e6
+    assert {r.kind for r in p.layers} >= {"standard", "depthwise", "pointwise", "linear"}
+    assert "total" in str(p)
+
+
+def test_profile_counts_fused_and_plain_alike():
+    tv = torchvision.models.mobilenet_v2()
+    a, b = cost.profile(tv), cost.profile(convert(tv))
+    assert (a.params, a.macs, len(a.layers)) == (b.params, b.macs, len(b.layers))
