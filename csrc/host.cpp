@@ -159,6 +159,24 @@ void check_bwd_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
                     grad_y.scalar_type(), " on ", grad_y.device());
 }
 
+DwGeom dw_bwd_check(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                    const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                    const at::Tensor& mean, const at::Tensor& invstd, int64_t stride,
+                    int64_t padding, int64_t dilation, c10::string_view act) {
+  DwGeom g = dw_check(x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
+                      false, act);
+  check_bwd_args(grad_y, x, mean, invstd, {g.N, g.C, g.Ho, g.Wo});
+  return g;
+}
+
+PwGeom pw_bwd_check(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                    const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                    const at::Tensor& mean, const at::Tensor& invstd, c10::string_view act) {
+  PwGeom g = pw_check(x, weight, bn_weight, bn_bias, mean, invstd, c10::nullopt, false, act);
+  check_bwd_args(grad_y, x, mean, invstd, {g.N, g.Cout, g.H, g.W});
+  return g;
+}
+
 std::tuple<at::Tensor, at::Tensor> eval_stats(const at::Tensor& running_mean,
                                               const at::Tensor& running_var, double eps,
                                               at::ScalarType acc) {

@@ -50,6 +50,13 @@ at::ScalarType acc_type(at::ScalarType t);
 void check_bwd_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
                     const at::Tensor& invstd, at::IntArrayRef y_sizes);
 
+// dw_check for the backward op (the statistics stand in for the running buffers)
+// plus check_bwd_args.
+DwGeom dw_bwd_check(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                    const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                    const at::Tensor& mean, const at::Tensor& invstd, int64_t stride,
+                    int64_t padding, int64_t dilation, c10::string_view act);
+
 struct PwGeom {
   int64_t N, Cin, Cout, H, W;
   int act;
@@ -64,6 +71,11 @@ PwGeom pw_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
                 const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
                 const c10::optional<at::Tensor>& running_var,
                 const c10::optional<at::Tensor>& residual, bool training, c10::string_view act);
+
+// pw_check for the backward op plus check_bwd_args.
+PwGeom pw_bwd_check(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                    const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                    const at::Tensor& mean, const at::Tensor& invstd, c10::string_view act);
 
 // The three GEMMs of the 1x1 conv, in the dtype of their inputs, with no layout
 // conversion: channels_last is [N*H*W, Cin] x [Cin, Cout], NCHW is

@@ -66,3 +66,11 @@ def check_close(ours, eager, ref, factor):
 
 def as64(*ts):
     return [t.double() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+def call_with(fn, inputs: dict, change: dict):
+    """fn(*positional inputs, **options) with `change` overriding inputs or adding options."""
+    kw, opts = dict(inputs), {}
+    for k, v in change.items():
+        (kw if k in kw else opts)[k] = v
+    return fn(*kw.values(), **opts)

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import mobilenet_ext
 from mobilenet_ext import reference
-from conftest import as64, check_close, poison_allocator
+from conftest import as64, call_with, check_close, poison_allocator
 
 op = torch.ops.mobilenet_ext
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -260,13 +260,8 @@ def test_torch_compile_inductor():
 
 def _bad(**change):
     x, w, g, b, rm, rv, _ = make_inputs((2, 4, 8, 8, 3, 1, 1), torch.float32, "cpu", "nchw")
-    kw = dict(x=x, weight=w, bn_weight=g, bn_bias=b, running_mean=rm, running_var=rv)
-    opts = {}
-    for k, v in change.items():
-        (kw if k in kw else opts)[k] = v
-    return mobilenet_ext.dw_conv_bn_act(kw.pop("x"), kw.pop("weight"), kw.pop("bn_weight"),
-                                        kw.pop("bn_bias"), kw.pop("running_mean"),
-                                        kw.pop("running_var"), **opts)
+    return call_with(mobilenet_ext.dw_conv_bn_act, dict(x=x, weight=w, bn_weight=g, bn_bias=b,
+                     running_mean=rm, running_var=rv), change)
 
 
 @pytest.mark.parametrize("change,match", [

@@ -237,3 +237,20 @@ def test_profile_counts_fused_and_plain_alike():
     tv = torchvision.models.mobilenet_v2()
     a, b = cost.profile(tv), cost.profile(convert(tv))
     assert (a.params, a.macs, len(a.layers)) == (b.params, b.macs, len(b.layers))
+
+
+@pytest.mark.parametrize("script,args", [
+    ("train_converted.py", ["--steps", "2", "--batch", "4", "--size", "32"]),
+    ("convert_mobilenet_v2.py", ["--batch", "1", "--size", "32", "--iters", "1"]),
+])
+def test_examples_run(script, args):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, os.path.join(root, "python", script), *args,
+                          "--device", "cpu"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout or "converted" in out.stdout

@@ -219,10 +219,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bwd_cpu(
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
     const at::Tensor& invstd, int64_t stride, int64_t padding, int64_t dilation, bool training,
     c10::string_view act) {
-  DwGeom g = dw_check(x_, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
-                      false, act);
+  DwGeom g = dw_bwd_check(grad_y, x_, weight, bn_weight, bn_bias, mean, invstd, stride, padding,
+                          dilation, act);
   const auto acc = acc_type(x_.scalar_type());
-  check_bwd_args(grad_y, x_, mean, invstd, {g.N, g.C, g.Ho, g.Wo});
   auto x = x_.contiguous(g.format());
   auto dy = grad_y.contiguous(g.format());
   auto dx = at::empty(x.sizes(), x.options().memory_format(g.format()));

@@ -60,8 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_, const at::Tensor& weight,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean_,
     const at::Tensor& invstd_, bool training, c10::string_view act) {
-  PwGeom g = pw_check(x_, weight, bn_weight, bn_bias, mean_, invstd_, c10::nullopt, false, act);
-  check_bwd_args(grad_y, x_, mean_, invstd_, {g.N, g.Cout, g.H, g.W});
+  PwGeom g = pw_bwd_check(grad_y, x_, weight, bn_weight, bn_bias, mean_, invstd_, act);
   const auto acc = acc_type(x_.scalar_type());
   auto x = x_.contiguous(g.format());
   auto dy = grad_y.contiguous(g.format());

@@ -36,10 +36,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bwd_cuda(
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean_,
     const at::Tensor& invstd_, int64_t stride, int64_t padding, int64_t dilation, bool training,
     c10::string_view act) {
-  DwGeom g = dw_check(x_, weight, bn_weight, bn_bias, mean_, invstd_, stride, padding, dilation,
-                      false, act);
+  DwGeom g = dw_bwd_check(grad_y, x_, weight, bn_weight, bn_bias, mean_, invstd_, stride,
+                          padding, dilation, act);
   const auto acc = acc_type(x_.scalar_type());
-  check_bwd_args(grad_y, x_, mean_, invstd_, {g.N, g.C, g.Ho, g.Wo});
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(g.format());
   auto w = weight.contiguous();
