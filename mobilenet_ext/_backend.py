@@ -12,11 +12,14 @@ _ENV = "MOBILENET_EXT_BACKEND"
 _HOW_TO_BUILD = ("build it with `pip install --no-build-isolation -e .` from the source tree "
                  "(see README.md, 'Building for your GPU')")
 
-try:
-    from . import _C  # noqa: F401  (loads the library; registers the ops)
-    _C_ERROR = None
-except ImportError as e:  # a pure-Python install: triton / reference only
-    _C_ERROR = str(e)
+if os.environ.get("MOBILENET_EXT_NO_EXTENSION") == "1":
+    _C_ERROR = "not loaded: MOBILENET_EXT_NO_EXTENSION=1"
+else:
+    try:
+        from . import _C  # noqa: F401  (loads the library; registers the ops)
+        _C_ERROR = None
+    except ImportError as e:  # a pure-Python install: triton / reference only
+        _C_ERROR = str(e)
 
 
 class BackendInfo(NamedTuple):
@@ -57,7 +60,7 @@ def _probe() -> dict[str, BackendInfo]:
         out["cuda"] = BackendInfo(False, "CUDA kernels built, but no CUDA device is visible")
     else:
         out["cuda"] = BackendInfo(True, f"CUDA kernels on {torch.cuda.get_device_name()}")
-    out["triton"] = BackendInfo(False, "Triton kernels are not part of this version yet")
+    out["triton"] = _triton_info()
     if _C_ERROR is None:
         out["cpu"] = BackendInfo(True, "compiled C++ kernels")
     else:
@@ -65,6 +68,24 @@ def _probe() -> dict[str, BackendInfo]:
                                  + _HOW_TO_BUILD)
     out["reference"] = BackendInfo(True, "pure PyTorch composition (always available)")
     return out
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_info() -> BackendInfo:
+    try:
+        import triton
+    except ImportError as e:
+        return BackendInfo(False, f"triton is not installed ({e}): pip install triton")
+    if torch.cuda.is_available():
+        return BackendInfo(True, f"Triton {triton.__version__} kernels on CUDA tensors")
+    if interpreting():
+        return BackendInfo(True, f"Triton {triton.__version__} interpreter on CPU tensors "
+                           "(TRITON_INTERPRET=1)")
+    return BackendInfo(False, "no CUDA device; to run the Triton kernels on CPU tensors set "
+                       "TRITON_INTERPRET=1 before triton is imported")
 
 
 _selected = None
@@ -99,8 +120,11 @@ def pick(x: torch.Tensor) -> str:
         info = backends()[name]
         if not info.available:
             raise RuntimeError(f"backend {name!r} is not available: {info.detail}")
-        if (name == "cuda" and dev != "cuda") or (name == "cpu" and dev != "cpu"):
-            raise RuntimeError(f"backend {name!r} cannot run tensors on device {x.device}")
+        if (name == "cuda" and dev != "cuda") or (name == "cpu" and dev != "cpu") or \
+                (name == "triton" and dev == "cpu" and not interpreting()):
+            raise RuntimeError(f"backend {name!r} cannot run tensors on device {x.device}"
+                               + (" (set TRITON_INTERPRET=1 before triton is imported)"
+                                  if name == "triton" else ""))
         return name
     order = ("cuda", "triton", "reference") if dev == "cuda" else ("cpu", "reference")
     avail = backends()

@@ -6,6 +6,8 @@ buffers from them, in place and without grad, exactly as `nn.BatchNorm2d` does.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from . import _backend, reference
@@ -135,6 +137,11 @@ def _update_running(running_mean, running_var, mean, invstd, eps, count, momentu
         running_var.lerp_(var.to(running_var.dtype), momentum)
 
 
+def _op(name, backend):
+    """The registered op running `name` on a backend: compiled (cpu/cuda) or Triton."""
+    return getattr(torch.ops.mobilenet_ext, name + ("_triton" if backend == "triton" else ""))
+
+
 def _run_fused(fwd, x, c_out, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                eps, args):
     """Calls a registered fused op and updates the running buffers from its statistics."""
@@ -165,12 +172,13 @@ def dw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
         padding = reference.default_padding(weight.shape[-1], dilation)
     _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
               dilation, training, momentum, act)
-    if _backend.pick(x) == "reference":
+    backend = _backend.pick(x)
+    if backend == "reference":
         return reference.dw_conv_bn_act(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
             padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
             act=act)
-    return _run_fused(torch.ops.mobilenet_ext.dw_fwd, x, x.shape[1], bn_weight, bn_bias,
+    return _run_fused(_op("dw_fwd", backend), x, x.shape[1], bn_weight, bn_bias,
                       running_mean, running_var, training, momentum, eps,
                       (weight, stride, padding, dilation, training, eps, act))
 
@@ -186,95 +194,122 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
     """
     _check_pw(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training,
               momentum, act)
-    if _backend.pick(x) == "reference":
+    backend = _backend.pick(x)
+    if backend == "reference":
         return reference.pw_conv_bn_act(
             x, weight, bn_weight, bn_bias, running_mean, running_var, residual=residual,
             training=training, momentum=momentum, eps=eps, act=act)
-    return _run_fused(torch.ops.mobilenet_ext.pw_fwd, x, weight.shape[0], bn_weight, bn_bias,
+    return _run_fused(_op("pw_fwd", backend), x, weight.shape[0], bn_weight, bn_bias,
                       running_mean, running_var, training, momentum, eps,
                       (weight, residual, training, eps, act))
 
 
 # ---------------------------------------------------------------- registration
+#
+# Two sets of ops share one schema, one fake kernel and one autograd formula per op
+# family: the compiled ones (`dw_fwd`, ...: CPU and CUDA kernels from _C) and the
+# Triton ones (`dw_fwd_triton`, ...: defined here, any device the Triton kernels can
+# run on). Only the kernels differ.
 
-def _register():
-    @torch.library.register_fake("mobilenet_ext::dw_fwd")
-    def _dw_fwd_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                     dilation, training, eps, act):
-        n, c, h, w = x.shape
-        k = weight.shape[-1]
-        ho, wo = (_conv_out(s, k, stride, padding, dilation) for s in (h, w))
-        y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device,
-                        memory_format=_memory_format(x))
-        acc = _acc_dtype(x.dtype)
-        return y, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+DW_FWD_SCHEMA = ("(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+                 "Tensor? running_mean, Tensor? running_var, int stride, int padding, "
+                 "int dilation, bool training, float eps, str act) -> (Tensor, Tensor, Tensor)")
+DW_BWD_SCHEMA = ("(Tensor grad_y, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+                 "Tensor mean, Tensor invstd, int stride, int padding, int dilation, "
+                 "bool training, str act) -> (Tensor, Tensor, Tensor, Tensor)")
+PW_FWD_SCHEMA = ("(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+                 "Tensor? running_mean, Tensor? running_var, Tensor? residual, bool training, "
+                 "float eps, str act) -> (Tensor, Tensor, Tensor)")
+PW_BWD_SCHEMA = ("(Tensor grad_y, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+                 "Tensor mean, Tensor invstd, bool training, str act) -> "
+                 "(Tensor, Tensor, Tensor, Tensor)")
 
-    @torch.library.register_fake("mobilenet_ext::dw_bwd")
-    def _dw_bwd_fake(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding,
-                     dilation, training, act):
-        return (torch.empty_like(x, memory_format=_memory_format(x)), weight.new_empty(weight.shape),
-                bn_weight.new_empty(bn_weight.shape), bn_bias.new_empty(bn_bias.shape))
 
-    def _dw_setup(ctx, inputs, output):
-        x, weight, bn_weight, bn_bias, _, _, stride, padding, dilation, training, _, act = inputs
+def _dw_fwd_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                 dilation, training, eps, act):
+    n, c, h, w = x.shape
+    k = weight.shape[-1]
+    ho, wo = (_conv_out(s, k, stride, padding, dilation) for s in (h, w))
+    y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device,
+                    memory_format=_memory_format(x))
+    acc = _acc_dtype(x.dtype)
+    return y, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+
+def _pw_fwd_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training,
+                 eps, act):
+    n, _, h, w = x.shape
+    c = weight.shape[0]
+    y = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device,
+                    memory_format=_memory_format(x))
+    acc = _acc_dtype(x.dtype)
+    return y, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+
+def _bwd_fake(grad_y, x, weight, bn_weight, bn_bias, *_):
+    return (torch.empty_like(x, memory_format=_memory_format(x)), weight.new_empty(weight.shape),
+            bn_weight.new_empty(bn_weight.shape), bn_bias.new_empty(bn_bias.shape))
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("mobilenet_ext: double backward (grad of a grad) is not supported "
+                       "by the fused ops; use the 'reference' backend for it")
+
+
+def _register_family(fwd, bwd, fwd_fake, cfg_index, residual_index):
+    """Fake kernels and autograd of one forward/backward op pair. The forward saves
+    x, weight, the BN parameters and the statistics; the backward op recomputes the
+    rest. cfg_index lists the forward's non-tensor arguments the backward takes;
+    residual_index is the forward input whose gradient is grad_y (or None)."""
+    torch.library.register_fake(fwd)(fwd_fake)
+    torch.library.register_fake(bwd)(_bwd_fake)
+    bwd_op = getattr(torch.ops.mobilenet_ext, bwd.split("::")[1])
+    n_inputs = len(inspect.signature(fwd_fake).parameters)
+
+    def setup(ctx, inputs, output):
         _, mean, invstd = output
-        ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd)
-        ctx.cfg = (stride, padding, dilation, training, act)
+        ctx.save_for_backward(*inputs[:4], mean, invstd)
+        ctx.cfg = tuple(inputs[i] for i in cfg_index)
+        ctx.has_residual = residual_index is not None and inputs[residual_index] is not None
 
-    def _dw_backward(ctx, grad_y, _grad_mean, _grad_invstd):
+    def backward(ctx, grad_y, _grad_mean, _grad_invstd):
         # mean/invstd feed only the running-buffer update, which runs without grad
-        x, weight, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
-        if grad_y is None:
-            return (None,) * 12
-        dx, dw, dg, db = torch.ops.mobilenet_ext.dw_bwd(
-            grad_y, x, weight, bn_weight, bn_bias, mean, invstd, *ctx.cfg)
-        return dx, dw, dg, db, None, None, None, None, None, None, None, None
+        grads = [None] * n_inputs
+        if grad_y is not None:
+            grads[:4] = bwd_op(grad_y, *ctx.saved_tensors, *ctx.cfg)
+            if ctx.has_residual:  # added after the activation
+                grads[residual_index] = grad_y
+        return tuple(grads)
 
-    torch.library.register_autograd("mobilenet_ext::dw_fwd", _dw_backward, setup_context=_dw_setup)
-
-    def _no_double_backward(ctx, *grads):
-        raise RuntimeError("mobilenet_ext: double backward (grad of a grad) is not supported "
-                           "by the fused ops; use the 'reference' backend for it")
-
-    torch.library.register_autograd("mobilenet_ext::dw_bwd", _no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
-
-    @torch.library.register_fake("mobilenet_ext::pw_fwd")
-    def _pw_fwd_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-                     training, eps, act):
-        n, _, h, w = x.shape
-        c = weight.shape[0]
-        y = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device,
-                        memory_format=_memory_format(x))
-        acc = _acc_dtype(x.dtype)
-        return y, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
-
-    @torch.library.register_fake("mobilenet_ext::pw_bwd")
-    def _pw_bwd_fake(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, training, act):
-        return (torch.empty_like(x, memory_format=_memory_format(x)), weight.new_empty(weight.shape),
-                bn_weight.new_empty(bn_weight.shape), bn_bias.new_empty(bn_bias.shape))
-
-    def _pw_setup(ctx, inputs, output):
-        x, weight, bn_weight, bn_bias, _, _, residual, training, _, act = inputs
-        _, mean, invstd = output
-        ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd)
-        ctx.cfg = (training, act)
-        ctx.has_residual = residual is not None
-
-    def _pw_backward(ctx, grad_y, _grad_mean, _grad_invstd):
-        x, weight, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
-        if grad_y is None:
-            return (None,) * 10
-        dx, dw, dg, db = torch.ops.mobilenet_ext.pw_bwd(
-            grad_y, x, weight, bn_weight, bn_bias, mean, invstd, *ctx.cfg)
-        # the residual is added after the activation: its gradient is grad_y
-        dres = grad_y if ctx.has_residual else None
-        return dx, dw, dg, db, None, None, dres, None, None, None
-
-    torch.library.register_autograd("mobilenet_ext::pw_fwd", _pw_backward, setup_context=_pw_setup)
-    torch.library.register_autograd("mobilenet_ext::pw_bwd", _no_double_backward,
+    torch.library.register_autograd(fwd, backward, setup_context=setup)
+    torch.library.register_autograd(bwd, _no_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
 
 
+def _register(suffix):
+    _register_family(f"mobilenet_ext::dw_fwd{suffix}", f"mobilenet_ext::dw_bwd{suffix}",
+                     _dw_fwd_fake, (6, 7, 8, 9, 11), None)
+    _register_family(f"mobilenet_ext::pw_fwd{suffix}", f"mobilenet_ext::pw_bwd{suffix}",
+                     _pw_fwd_fake, (7, 9), 6)
+
+
+def _define_triton_ops():
+    """The Triton ops: same schemas, kernels from mobilenet_ext.triton (imported on
+    first call, so the package imports without Triton)."""
+    lib = torch.library.Library("mobilenet_ext", "FRAGMENT")
+    for name, schema in (("dw_fwd", DW_FWD_SCHEMA), ("dw_bwd", DW_BWD_SCHEMA),
+                         ("pw_fwd", PW_FWD_SCHEMA), ("pw_bwd", PW_BWD_SCHEMA)):
+        lib.define(f"{name}_triton{schema}")
+
+        def impl(*args, _name=name):
+            from .triton import dw, pw
+            return getattr(dw if _name.startswith("dw") else pw, _name)(*args)
+
+        lib.impl(f"{name}_triton", impl, "CompositeExplicitAutograd")
+    return lib
+
+
+_TRITON_LIB = _define_triton_ops()
+_register("_triton")
 if _backend._C_ERROR is None:
-    _register()
+    _register("")
