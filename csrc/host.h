@@ -80,8 +80,10 @@ PwGeom pw_bwd_check(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
 // The three GEMMs of the 1x1 conv, in the dtype of their inputs, with no layout
 // conversion: channels_last is [N*H*W, Cin] x [Cin, Cout], NCHW is
 // [Cout, Cin] x [Cin, H*W] per image (one batched GEMM).
-// conv (N, Cout, H, W) in x's memory format, contiguous.
-at::Tensor pw_conv_gemm(const PwGeom& g, const at::Tensor& x, const at::Tensor& w2);
+// conv (N, Cout, H, W) in x's memory format, contiguous, in out_dtype (default x's;
+// fp32 from fp16/bf16 inputs is a cuBLAS GEMM with fp32 output, CUDA only).
+at::Tensor pw_conv_gemm(const PwGeom& g, const at::Tensor& x, const at::Tensor& w2,
+                        c10::optional<at::ScalarType> out_dtype = c10::nullopt);
 // dx (N, Cin, H, W) in x's memory format from dc laid out like y.
 at::Tensor pw_dx_gemm(const PwGeom& g, const at::Tensor& dc, const at::Tensor& w2);
 // dweight (Cout, Cin) from dc laid out like y.

@@ -22,7 +22,8 @@ struct ConvLaunch {
   // tensors of dtype T (x's dtype), contiguous in x's memory format / (C, K*K)
   const void* x;
   const void* w;
-  const void* conv;      // pointwise: conv output, laid out like y
+  const void* conv;      // pointwise: conv output, laid out like y, in T (or A if conv_acc)
+  bool conv_acc;
   const void* residual;  // pointwise: added after the activation, like y (or null)
   void* y;
   const void* dy;

@@ -7,14 +7,17 @@
 namespace mbx {
 namespace {
 
-// The conv output at a pixel, read from the GEMM result.
+// The conv output at a pixel, read from the GEMM result: in T (forward, where it
+// becomes y in place) or in A (backward, where dgamma sums dz*(conv - mean)).
 template <typename T, typename A>
 struct BufSrc {
   static constexpr int kTaps = 0;
-  const T* conv;
-  __device__ __forceinline__ BufSrc(const ConvLaunch& p, int) : conv(static_cast<const T*>(p.conv)) {}
+  const void* conv;
+  bool acc;
+  __device__ __forceinline__ BufSrc(const ConvLaunch& p, int) : conv(p.conv), acc(p.conv_acc) {}
   __device__ __forceinline__ A operator()(const ConvLaunch&, const Pix& px, int) const {
-    return to_acc<A>(conv[px.off]);
+    return acc ? static_cast<const A*>(conv)[px.off]
+               : to_acc<A>(static_cast<const T*>(conv)[px.off]);
   }
   template <typename Acc>
   __device__ __forceinline__ void accumulate_taps(const ConvLaunch&, const Pix&, int, A, Acc&) const {}

@@ -73,9 +73,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cuda(
     return {at::zeros(x.sizes(), x.options().memory_format(g.format())), at::zeros_like(weight),
             at::zeros_like(bn_weight), at::zeros_like(bn_bias)};
   }
-  auto conv = pw_conv_gemm(g, x, w2);
+  // the recomputed conv output in the accumulation dtype: dgamma sums dz*(conv - mean)
+  // over every pixel, and a low-precision conv costs it several times eager's error
+  // (measured with the Triton kernels under the interpreter)
+  auto conv = pw_conv_gemm(g, x, w2, acc_type(x.scalar_type()));
   ConvLaunch p = make_launch(out_geom(g), x, w2, training, /*eps=*/0.0);
   p.conv = conv.const_data_ptr();
+  p.conv_acc = true;
   auto held = backward_epilogue_args(p, dy, bn_weight, bn_bias, mean, invstd);
   C10_CUDA_CHECK(pw_bwd_launch(p, c10::cuda::getCurrentCUDAStream()));
   const at::Tensor& dc = held[2];

@@ -161,7 +161,9 @@ def pw_bwd(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, training, act):
     cout = weight.shape[0]
     w2 = weight.reshape(cout, cin).contiguous()
     acc = E.acc_dtype(x.dtype)
-    conv = torch.empty_like(dy)
+    # the recomputed conv output stays in the accumulation dtype: dgamma sums
+    # dz*(conv - mean) over every pixel, and a rounded conv costs it 2-6x eager's error
+    conv = torch.empty(dy.shape, device=dy.device, dtype=acc, memory_format=fmt)
     _gemm(x, w2, conv, GEMM_CONV)
     gamma = bn_weight.to(acc)
     scale = (gamma * invstd).contiguous()
@@ -174,7 +176,7 @@ def pw_bwd(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, training, act):
     _epilogue(conv, conv, E.MODE_SUMS, act, dc_ptr=conv, coef_ptr=scale, part_ptr=sums,
               **common)
     dgamma, dbeta, coef = E.bn_bwd_coef(sums, gamma, mean, invstd, P, training)
-    dc = torch.empty_like(dy)
+    dc = torch.empty_like(dy)  # in x's dtype, as eager autograd keeps it, for the GEMMs
     _epilogue(conv, conv, E.MODE_DC, act, dc_ptr=dc, coef_ptr=coef, part_ptr=scale, **common)
     if cl:
         dx = (_rows(dc) @ w2).view(n, h, w, cin).permute(0, 3, 1, 2)
