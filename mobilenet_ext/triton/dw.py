@@ -75,7 +75,7 @@ def dw_fwd(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, pad
         part = E.part_buffer(P, c, cl, 2, x)
         E.launch(P, cl, **kw, **nil, scale_ptr=x, shift_ptr=x, part_ptr=part,
                  MODE=E.MODE_STATS)
-        mean, invstd = E.combine_stats(part, P, c, cl, eps)
+        mean, invstd = E.combine_stats(part, P, E.blocks(P, c, cl)[0], eps)
     else:
         mean = running_mean.to(acc, copy=True)
         invstd = torch.rsqrt(running_var.to(acc) + eps)

@@ -51,6 +51,18 @@ def act_bwd(z, dy, ACT: tl.constexpr):
 
 
 @triton.jit
+def store_tile_stats(v, pmask, cmask, c, base, C, ACC: tl.constexpr):
+    """Batch-statistics partial of a tile: per channel (mean, M2) of its valid pixels,
+    at base[0:C] and base[C:2C]; combine_stats merges them."""
+    m2d = pmask[:, None] & cmask[None, :]
+    cnt = tl.sum(pmask.to(ACC), axis=0)
+    mean_t = tl.sum(tl.where(m2d, v, 0.0), axis=0) / tl.maximum(cnt, 1.0)
+    d = tl.where(m2d, v - mean_t[None, :], 0.0)
+    tl.store(base + c, mean_t, mask=cmask)
+    tl.store(base + C + c, tl.sum(d * d, axis=0), mask=cmask)
+
+
+@triton.jit
 def pixels(pid_p, P, Ho, Wo, BLOCK_P: tl.constexpr):
     """Output pixels of a tile: flat index -> (n, h, w) and the validity mask."""
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -98,13 +110,8 @@ def epilogue_kernel(
                          stride, pad, dil, K, ACC, BLOCK_P, BLOCK_C)
     else:
         v = tl.load(conv_ptr + yoff, mask=m2d, other=0.0).to(ACC)
-    if MODE == 1:  # batch statistics: (count, mean, M2) of this tile per channel
-        cnt = tl.sum(pmask.to(ACC), axis=0)
-        mean_t = tl.sum(tl.where(m2d, v, 0.0), axis=0) / tl.maximum(cnt, 1.0)
-        d = tl.where(m2d, v - mean_t[None, :], 0.0)
-        base = part_ptr + pid_p * 2 * C
-        tl.store(base + c, mean_t, mask=cmask)
-        tl.store(base + C + c, tl.sum(d * d, axis=0), mask=cmask)
+    if MODE == 1:
+        store_tile_stats(v, pmask, cmask, c, part_ptr + pid_p * 2 * C, C, ACC)
     else:
         sc = tl.load(scale_ptr + c, mask=cmask, other=0.0)
         sh = tl.load(shift_ptr + c, mask=cmask, other=0.0)
@@ -177,12 +184,12 @@ def part_buffer(P, C, channels_last, width, like):
                        dtype=acc_dtype(like.dtype))
 
 
-def combine_stats(part, P, C, channels_last, eps):
-    """Chan's merge of the per-block (mean, M2) partials -> (mean, invstd)."""
-    bp, _ = blocks(P, C, channels_last)
+def combine_stats(part, P, block_p, eps):
+    """Chan's merge of the per-block (mean, M2) partials of blocks of block_p pixels
+    (the last one partial) -> (mean, invstd)."""
     nb = part.shape[0]
-    cnt = torch.full((nb,), float(bp), dtype=part.dtype, device=part.device)
-    cnt[-1] = P - bp * (nb - 1)
+    cnt = torch.full((nb,), float(block_p), dtype=part.dtype, device=part.device)
+    cnt[-1] = P - block_p * (nb - 1)
     means, m2s = part[:, 0], part[:, 1]
     mean = (cnt[:, None] * means).sum(0) / P
     m2 = m2s.sum(0) + (cnt[:, None] * (means - mean) ** 2).sum(0)

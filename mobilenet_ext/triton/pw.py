@@ -54,13 +54,8 @@ def gemm_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, part_ptr,
         tl.store(y_ptr + yoff, out.to(y_ptr.dtype.element_ty), mask=m2d)
     else:
         tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=m2d)
-        if MODE == 1:  # (mean, M2) of this block per channel, from the unrounded conv
-            cnt = tl.sum(pmask.to(ACC), axis=0)
-            mean_t = tl.sum(tl.where(m2d, acc, 0.0), axis=0) / tl.maximum(cnt, 1.0)
-            d = tl.where(m2d, acc - mean_t[None, :], 0.0)
-            base = part_ptr + pid_m * 2 * Cout
-            tl.store(base + co, mean_t, mask=comask)
-            tl.store(base + Cout + co, tl.sum(d * d, axis=0), mask=comask)
+        if MODE == 1:  # statistics from the unrounded conv
+            E.store_tile_stats(acc, pmask, comask, co, part_ptr + pid_m * 2 * Cout, Cout, ACC)
 
 
 def _fmt(x):
@@ -123,11 +118,7 @@ def pw_fwd(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, t
         bm = max(E.blocks(P, cout, True)[0], 16)
         part = torch.zeros(triton.cdiv(P, bm), 2, cout, device=x.device, dtype=acc)
         _gemm(x, w2, y, GEMM_STATS, part=part)
-        cnt = torch.full((part.shape[0],), float(bm), dtype=acc, device=x.device)
-        cnt[-1] = P - bm * (part.shape[0] - 1)
-        mean = (cnt[:, None] * part[:, 0]).sum(0) / P
-        m2 = part[:, 1].sum(0) + (cnt[:, None] * (part[:, 0] - mean) ** 2).sum(0)
-        invstd = torch.rsqrt(m2 / P + eps)
+        mean, invstd = E.combine_stats(part, P, bm, eps)
     else:
         mean = running_mean.to(acc, copy=True)
         invstd = torch.rsqrt(running_var.to(acc) + eps)
