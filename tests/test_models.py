@@ -15,8 +15,10 @@ timm = pytest.importorskip("timm")
 BACKENDS = [b for b in ("cpu", "reference") if mobilenet_ext.backends()[b].available]
 
 
-def randomise_bn(model):
-    """Non-trivial BN statistics and affine parameters, so folding errors show."""
+def randomise_bn(model, bias_std=0.1):
+    """Non-trivial BN statistics and affine parameters, so folding errors show; a
+    large bias_std shifts BN outputs past 6 so that ReLU6's upper clamp is exercised
+    (a shift, unlike a larger BN weight, does not amplify roundoff layer by layer)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
@@ -24,7 +26,7 @@ def randomise_bn(model):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * bias_std)
     return model
 
 
@@ -46,21 +48,26 @@ def backend(request):
     return request.param
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_convert_eval_matches(name, channels_last, backend):
+def test_convert_eval_matches(name, channels_last, dtype, backend):
     torch.manual_seed(0)
-    model = randomise_bn(MODELS[name]()).eval()
+    # float64 with BN outputs shifted past 6: ReLU6's clamp matters, roundoff does not
+    wide = dtype == torch.float64
+    model = randomise_bn(MODELS[name](), bias_std=3.0 if wide else 0.1).to(dtype).eval()
     fused, report = convert(model, return_report=True)
     if name in EXPECTED:
         assert (len(report.fused), len(report.residual)) == EXPECTED[name], str(report)
-    x = torch.randn(2, 3, 64, 48)
+    x = torch.randn(2, 3, 64, 48, dtype=dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         fused = fused.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
+        want = model(x)
+        tol = 1e-9 * want.abs().max().item() if wide else 1e-4
+        torch.testing.assert_close(fused(x), want, atol=tol, rtol=1e-7 if wide else 1e-4)
     assert list(fused.state_dict()) == list(model.state_dict())
 
 
