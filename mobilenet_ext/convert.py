@@ -236,32 +236,25 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False,
 
 
 def _revert_child(parent, name, child):
+    """Put back the module a proxy stood in for, bound to the proxy's current
+    parameters and buffers (they may have moved device or been reloaded)."""
+    if not isinstance(child, (_ResidualBlock, _ConvSlot, _FusedBN)):
+        return child
+    orig = child._orig
     if isinstance(child, _ResidualBlock):
-        orig = child._orig
         orig.conv = child.conv
-        orig.train(child.training)
-        setattr(parent, name, orig)
-        return orig
-    if isinstance(child, _ConvSlot):
-        orig = child._orig
+    elif isinstance(child, _ConvSlot):
         orig.weight = child.weight
-        orig.train(child.training)
-        setattr(parent, name, orig)
-        return orig
-    if isinstance(child, _FusedBN):
-        orig = child._orig
-        for p in ("weight", "bias"):
-            setattr(orig, p, getattr(child, p))
-        for b in ("running_mean", "running_var", "num_batches_tracked"):
-            setattr(orig, b, getattr(child, b))
+    else:
+        for t in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(orig, t, getattr(child, t))
         orig.eps, orig.momentum = child.eps, child.momentum
-        orig.train(child.training)
-        setattr(parent, name, orig)
         if child._act_site is not None:  # the activation module it stood in for
             _, act_name, act_mod = child._act_site
             setattr(parent, act_name, act_mod)
-        return orig
-    return child
+    orig.train(child.training)
+    setattr(parent, name, orig)
+    return orig
 
 
 def revert(model: nn.Module) -> nn.Module:

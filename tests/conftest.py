@@ -89,3 +89,12 @@ def pick_act(*key):
     """An activation chosen by the test case (deterministic across runs, unlike hash())."""
     from mobilenet_ext.reference import ACTIVATIONS
     return ACTIVATIONS[zlib.crc32(repr(key).encode()) % len(ACTIVATIONS)]
+
+
+@torch.no_grad()
+def randomise_stats(bn):
+    """Running statistics and affine parameters away from their defaults."""
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.uniform_(0.5, 1.5)
+    bn.bias.normal_()

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import mobilenet_ext
 from mobilenet_ext import reference
-from conftest import as64, call_with, check_close, pick_act, poison_allocator
+from conftest import as64, call_with, check_close, pick_act, poison_allocator, randomise_stats
 
 op = torch.ops.mobilenet_ext
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -132,11 +132,7 @@ def test_running_stats_match_batchnorm(device, momentum, channels_last):
     cin, cout = 24, 17
     conv = nn.Conv2d(cin, cout, 1, bias=False).to(device)
     bn = nn.BatchNorm2d(cout, momentum=momentum).to(device)
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.normal_()
+    randomise_stats(bn)
     rm, rv = bn.running_mean.clone(), bn.running_var.clone()
     for step in range(1, 4):
         x = torch.randn(3, cin, 9, 9, device=device)
