@@ -43,7 +43,8 @@ MBX_HD T act_fwd(int act, T z) {
 template <typename T>
 MBX_HD T act_bwd(int act, T z, T dy) {
   switch (act) {
-    case kReLU6: return (z > T(0) && z < T(6)) ? dy : T(0);
+    // & not &&: no short circuit, so the CPU loops if-convert and vectorise
+    case kReLU6: return ((z > T(0)) & (z < T(6))) ? dy : T(0);
     case kReLU: return z > T(0) ? dy : T(0);
     case kHardSwish:
       if (z < T(-3)) return T(0);

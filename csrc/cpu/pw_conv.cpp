@@ -1,20 +1,18 @@
 // CPU kernels of the fused pointwise (1x1) conv + BatchNorm + activation
 // (+ residual). The 1x1 conv is a GEMM (ATen's, i.e. MKL/oneDNN; pw_conv_gemm in
-// host.cpp) computed in the accumulation dtype straight into the layout of y. The shared epilogue (epilogue.h) then does the
-// BatchNorm, activation, residual and cast in one pass.
+// host.cpp) computed in the accumulation dtype straight into the layout of y. The
+// shared epilogue (epilogue.h, via cpu::kernels()) then does the BatchNorm,
+// activation, residual and cast in one pass.
 //
 // Backward recomputes the conv output with one more GEMM instead of saving it:
 // the saved state stays x, weight and two per-channel vectors (eager PyTorch
 // keeps the conv output and the BN output), at the cost of a third of the
 // backward's GEMM flops.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include "../common.h"
 #include "../host.h"
-#include "epilogue.h"
+#include "isa.h"
 
 namespace mbx {
 namespace {
@@ -39,20 +37,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cpu(
   if (y.numel() == 0) return {y, mean, invstd};
   auto w2 = weight.reshape({g.Cout, g.Cin}).to(acc);
   auto conv = pw_conv_gemm(g, x.to(acc), w2);
+  // In the accumulation dtype the epilogue runs in place over the GEMM output,
+  // which then is y: no second y-sized allocation (page faults dominate on CPU).
+  if (x.scalar_type() == acc) y = conv;
   at::Tensor res;
   if (residual.has_value()) res = residual->contiguous(g.format());
-  OutRows rw(g.N, g.Cout, g.H, g.W, g.channels_last);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pw_fwd_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
-    const A* cp = conv.const_data_ptr<A>();
-    auto row = [&](int64_t r, A*) -> const A* { return cp + r * rw.row_len; };
-    if (training) batch_stats<A>(rw, row, eps, mean.data_ptr<A>(), invstd.data_ptr<A>());
-    at::Tensor scale, shift;
-    std::tie(scale, shift) = fold_bn(bn_weight, bn_bias, mean, invstd);
-    apply_rows<scalar_t, A>(rw, row, g.act, scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
-                            res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
-                            y.data_ptr<scalar_t>());
-  });
+  cpu::kernels().pw_fwd(g, conv, training, eps, bn_weight, bn_bias, mean, invstd, res, y);
   return {y, mean, invstd};
 }
 
@@ -74,21 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cpu(
   }
   auto xa = x.to(acc);
   auto conv = pw_conv_gemm(g, xa, w2);
-  auto dc = at::empty_like(conv);
-  OutRows rw(g.N, g.Cout, g.H, g.W, g.channels_last);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pw_bwd_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
-    const A* cp = conv.const_data_ptr<A>();
-    at::Tensor scale, shift;
-    std::tie(scale, shift) = fold_bn(bn_weight, bn_bias, mean, invstd);
-    auto gamma = bn_weight.to(acc).contiguous();
-    bn_act_backward<scalar_t, A>(
-        rw, [&](int64_t r, A*) -> const A* { return cp + r * rw.row_len; }, g.act, training,
-        scale.const_data_ptr<A>(), shift.const_data_ptr<A>(), gamma.const_data_ptr<A>(),
-        mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), dy.const_data_ptr<scalar_t>(),
-        dc.data_ptr<A>(), dgamma.data_ptr<A>(), dbeta.data_ptr<A>(),
-        [](int64_t, const A*, int) {});
-  });
+  auto dc = conv;  // the epilogue backward overwrites the conv output with dc in place
+  cpu::kernels().pw_bwd(g, dc, dy, training, bn_weight, bn_bias, mean, invstd, dgamma, dbeta);
   auto dx = pw_dx_gemm(g, dc, w2);
   auto dw2 = pw_dweight_gemm(g, dc, xa);
   return {dx.to(x.scalar_type()).contiguous(g.format()),

@@ -1,0 +1,3 @@
+// CPU kernels for any CPU (baseline ISA of the build). See isa.h.
+#define MBX_ISA base
+#include "kernels_impl.h"

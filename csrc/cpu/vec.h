@@ -1,0 +1,141 @@
+// Fixed-width vectors for the CPU kernels (GCC/Clang vector extensions) of the
+// accumulation type: one register of the ISA the including file is compiled for
+// (256 bits with AVX2, 128 otherwise), so accumulators stay in registers across
+// a conv's taps (plain arrays of scalars, and 256-bit vectors on an SSE build,
+// were kept on the stack: see bench/NOTES.md). Included by kernels_impl.h, inside
+// the ISA's namespace.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#define MBX_VINL inline __attribute__((always_inline))
+
+namespace mbx {
+namespace cpu {
+namespace MBX_ISA {
+
+// (MBX_ISA_AVX2, not __AVX2__: GCC's target pragma does not define the ISA
+// macros in C++)
+#if defined(MBX_ISA_AVX2)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+template <typename A>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(kVecBytes)));
+  static constexpr int N = kVecBytes / 4;
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(kVecBytes)));
+  static constexpr int N = kVecBytes / 8;
+};
+
+// A whole vector's worth of elements (the common case) or a count below N (the tail).
+using Full = std::integral_constant<int, -1>;
+
+// N elements of type T from p (count of them when Cnt is int; the rest zero), as A.
+template <typename A, typename T, typename Cnt>
+MBX_VINL typename Simd<A>::V vload(const T* p, Cnt count) {
+  using V = typename Simd<A>::V;
+  V v;
+  if constexpr (std::is_same_v<Cnt, Full>) {
+    if constexpr (std::is_same_v<A, T>) {
+      std::memcpy(&v, p, sizeof(V));
+    } else {
+      for (int l = 0; l < Simd<A>::N; ++l) v[l] = static_cast<A>(p[l]);
+    }
+  } else {
+    v = V{};
+    for (int l = 0; l < count; ++l) v[l] = static_cast<A>(p[l]);
+  }
+  return v;
+}
+
+// Elements p[0], p[stride], ... (stride 2 for the NCHW stride-2 conv).
+template <typename A, typename T, typename Cnt>
+MBX_VINL typename Simd<A>::V vload_strided(const T* p, int stride, Cnt count) {
+  using V = typename Simd<A>::V;
+  if (stride == 1) return vload<A>(p, count);
+  V v = V{};
+  const int n = std::is_same_v<Cnt, Full> ? Simd<A>::N : static_cast<int>(count);
+  for (int l = 0; l < n; ++l) v[l] = static_cast<A>(p[l * stride]);
+  return v;
+}
+
+// Stores the vector v (of some Simd<A>::V) to p as T.
+template <typename T, typename V, typename Cnt>
+MBX_VINL void vstore(T* p, V v, Cnt count) {
+  using A = std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>;
+  if constexpr (std::is_same_v<Cnt, Full>) {
+    if constexpr (std::is_same_v<A, T>) {
+      std::memcpy(p, &v, sizeof(v));
+    } else {
+      for (int l = 0; l < Simd<A>::N; ++l) p[l] = static_cast<T>(v[l]);
+    }
+  } else {
+    for (int l = 0; l < count; ++l) p[l] = static_cast<T>(v[l]);
+  }
+}
+
+template <typename A>
+MBX_VINL A vsum(typename Simd<A>::V v) {
+  A s = 0;
+  for (int l = 0; l < Simd<A>::N; ++l) s += v[l];
+  return s;
+}
+
+// body(i, nv, count) over [0, n): blocks of 4 vectors, then of one vector, then one
+// partial vector (count < N elements). nv is an integral_constant (vectors in the
+// block), count is Full or an int; body's vload/vstore take count.
+template <typename A, typename F>
+MBX_VINL void vec_blocks(int64_t n, F&& body) {
+  constexpr int N = Simd<A>::N;
+  int64_t i = 0;
+  for (; i + 4 * N <= n; i += 4 * N) body(i, std::integral_constant<int, 4>(), Full());
+  for (; i + N <= n; i += N) body(i, std::integral_constant<int, 1>(), Full());
+  if (i < n) body(i, std::integral_constant<int, 1>(), static_cast<int>(n - i));
+}
+
+// sum over i in [0, n) of the vectors f(i, count) (terms i..i+N; the lanes of the
+// tail past count are dropped).
+template <typename A, typename F>
+MBX_VINL A vec_sum(int64_t n, F&& f) {
+  using V = typename Simd<A>::V;
+  V acc = V{};
+  vec_blocks<A>(n, [&](int64_t i, auto nv, auto count) {
+    for (int k = 0; k < decltype(nv)::value; ++k) {
+      V t = f(i + k * Simd<A>::N, count);
+      if constexpr (!std::is_same_v<decltype(count), Full>)
+        for (int l = count; l < Simd<A>::N; ++l) t[l] = 0;
+      acc += t;
+    }
+  });
+  return vsum<A>(acc);
+}
+
+// out[i] = f(in[i], i) for i in [0, n), as T. in may be out itself (T == A: the
+// epilogues run in place over a conv buffer); that case gets a loop through one
+// pointer, since an aliasing check would send it to the scalar fallback.
+template <typename T, typename A, typename F>
+MBX_VINL void map_row(const A* in, T* out, int64_t n, F&& f) {
+  if constexpr (std::is_same_v<T, A>) {
+    if (static_cast<const void*>(in) == static_cast<const void*>(out)) {
+      for (int64_t i = 0; i < n; ++i) out[i] = f(out[i], i);
+      return;
+    }
+  }
+  const A* __restrict__ a = in;
+  T* __restrict__ o = out;
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(f(a[i], i));
+}
+
+}  // namespace MBX_ISA
+}  // namespace cpu
+}  // namespace mbx
