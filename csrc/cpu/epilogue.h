@@ -187,8 +187,13 @@ void bn_act_backward(const OutRows& rw, GetRow&& get_row, int act_id, bool train
           const int64_t ch = rw.c0(r);
           const A s = sc[ch], b = sh[ch], m = mean[ch], ka = ca[ch], kb = cb[ch], kd = cd[ch];
           A* __restrict__ dz = dz_row.data();
-          for (int64_t e = 0; e < rw.Wo; ++e)
-            dz[e] = act_bwd<A>(act, v[e] * s + b, static_cast<A>(dyr[e]));
+          vec_blocks<A>(rw.Wo, [&](int64_t e, auto nv, auto cnt) {
+            for (int k = 0; k < decltype(nv)::value; ++k) {
+              const int64_t i = e + k * Simd<A>::N;
+              vstore(dz + i, vact_bwd<A>(act, vload<A>(v + i, cnt) * s + b, vload<A>(dyr + i, cnt)),
+                     cnt);
+            }
+          });
           if (want_sums) {
             s_dz[ch] += vec_sum<A>(rw.Wo, [&](int64_t e, auto k) { return vload<A>(dz + e, k); });
             s_dzx[ch] += vec_sum<A>(rw.Wo, [&](int64_t e, auto k) {
@@ -204,12 +209,16 @@ void bn_act_backward(const OutRows& rw, GetRow&& get_row, int act_id, bool train
           for (int64_t wo = 0; wo < rw.Wo; ++wo) {
             const int64_t o = wo * Cr;
             if (want_sums) {
-              for (int64_t c = 0; c < Cr; ++c) {
-                const A cv = v[o + c];
-                const A dz = act_bwd<A>(act, cv * s[c] + b[c], static_cast<A>(dyr[o + c]));
-                s_dz[c] += dz;
-                s_dzx[c] += dz * (cv - m[c]);
-              }
+              vec_blocks<A>(Cr, [&](int64_t c0, auto nv, auto cnt) {
+                for (int k = 0; k < decltype(nv)::value; ++k) {
+                  const int64_t c = c0 + k * Simd<A>::N;
+                  const auto cv = vload<A>(v + o + c, cnt);
+                  const auto dz = vact_bwd<A>(act, cv * vload<A>(s + c, cnt) + vload<A>(b + c, cnt),
+                                              vload<A>(dyr + o + c, cnt));
+                  vstore(s_dz + c, vload<A>(s_dz + c, cnt) + dz, cnt);
+                  vstore(s_dzx + c, vload<A>(s_dzx + c, cnt) + dz * (cv - vload<A>(m + c, cnt)), cnt);
+                }
+              });
             }
             if (want_dc) {
               const A* __restrict__ ka = ca;

@@ -136,6 +136,27 @@ MBX_VINL void map_row(const A* in, T* out, int64_t n, F&& f) {
   for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(f(a[i], i));
 }
 
+// act_bwd (common.h) on a vector: the gradient at z given dy. relu6 / relu /
+// identity are selects (GCC keeps the scalar form's compares as branches in the
+// reduction loops); the others go lane by lane through the scalar definition.
+template <typename A, int act>
+MBX_VINL typename Simd<A>::V vact_bwd(std::integral_constant<int, act>, typename Simd<A>::V z,
+                                      typename Simd<A>::V dy) {
+  using V = typename Simd<A>::V;
+  const V zero = V{};
+  if constexpr (act == kReLU6) {
+    return ((z > zero) & (z < zero + A(6))) ? dy : zero;
+  } else if constexpr (act == kReLU) {
+    return z > zero ? dy : zero;
+  } else if constexpr (act == kIdentity) {
+    return dy;
+  } else {
+    V r = V{};
+    for (int l = 0; l < Simd<A>::N; ++l) r[l] = act_bwd<A>(act, z[l], dy[l]);
+    return r;
+  }
+}
+
 }  // namespace MBX_ISA
 }  // namespace cpu
 }  // namespace mbx

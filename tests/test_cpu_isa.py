@@ -1,0 +1,109 @@
+"""The CPU kernels are built twice (baseline ISA and AVX2+FMA, csrc/cpu/isa.h) and chosen
+at run time; MOBILENET_EXT_CPU_ISA forces one. Every other CPU test runs the build this
+CPU picks; here each build runs on its own against the float64 reference, in every
+activation, both layouts, eval and training, forward and backward, on shapes whose
+channel and column counts hit each vector block size (4 vectors, 1 vector, a tail)."""
+import pytest
+import torch
+
+import mobilenet_ext  # noqa: F401  (loads the ops)
+from mobilenet_ext import reference
+
+op = torch.ops.mobilenet_ext
+ACTS = list(reference.ACTIVATIONS)
+ISAS = ["base", "avx2"]
+
+
+def _has_avx2_build():
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MOBILENET_EXT_CPU_ISA", "avx2")
+            x = torch.randn(1, 3, 4, 4)
+            op.dw_fwd(x, torch.randn(3, 1, 3, 3), torch.ones(3), torch.zeros(3), torch.zeros(3),
+                      torch.ones(3), 1, 1, 1, False, 1e-5, "relu6")
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    if not hasattr(op, "dw_fwd"):
+        pytest.skip("the compiled extension is not built")
+    if request.param == "avx2" and not _has_avx2_build():
+        pytest.skip("no AVX2 kernels here (not x86-64 with GCC, or the CPU lacks AVX2/FMA)")
+    monkeypatch.setenv("MOBILENET_EXT_CPU_ISA", request.param)
+    return request.param
+
+
+def _grads(fn, inputs, dy):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    y.backward(dy.to(y.dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def _check(got, want, dtype):
+    tol = 1e-9 if dtype == torch.float64 else 3e-4
+    for a, r in zip(got, want):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a.double(), r.double(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", [(2, 45, 9, 70, 3, 1), (1, 37, 11, 40, 5, 2)])
+def test_dw_isa(isa, case, act, dtype, layout, training):
+    n, c, h, w, k, s = case
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(c, 1, k, k, dtype=dtype) / k
+    g, b = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
+    rm, rv = torch.randn(c, dtype=dtype) * 0.1, torch.rand(c, dtype=dtype) + 0.5
+    pad = (k - 1) // 2
+    dy = torch.randn(n, c, (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1)
+    ours = _grads(lambda *a: op.dw_fwd(*a, rm, rv, s, pad, 1, training, 1e-5, act)[0],
+                  (x, wt, g, b), dy)
+    ref = _grads(lambda *a: reference.dw_fwd(*a, rm.double(), rv.double(), s, pad, 1, training,
+                                             1e-5, act)[0],
+                 [t.double() for t in (x, wt, g, b)], dy)
+    _check(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("residual", [False, True])
+def test_pw_isa(isa, act, dtype, layout, training, residual):
+    n, ci, co, h, w = 2, 13, 45, 5, 37
+    torch.manual_seed(1)
+    x = torch.randn(n, ci, h, w, dtype=dtype)
+    r = torch.randn(n, co, h, w, dtype=dtype) if residual else None
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        r = r.contiguous(memory_format=torch.channels_last) if residual else None
+    wt = torch.randn(co, ci, 1, 1, dtype=dtype) / ci ** 0.5
+    g, b = torch.rand(co, dtype=dtype) + 0.5, torch.randn(co, dtype=dtype)
+    rm, rv = torch.randn(co, dtype=dtype) * 0.1, torch.rand(co, dtype=dtype) + 0.5
+    dy = torch.randn(n, co, h, w)
+    ours = _grads(lambda *a: op.pw_fwd(*a, rm, rv, r, training, 1e-5, act)[0], (x, wt, g, b), dy)
+    ref = _grads(lambda *a: reference.pw_fwd(*a, rm.double(), rv.double(),
+                                             r.double() if residual else None, training, 1e-5,
+                                             act)[0],
+                 [t.double() for t in (x, wt, g, b)], dy)
+    _check(ours, ref, dtype)
+
+
+def test_bad_isa_value(monkeypatch):
+    if not hasattr(op, "dw_fwd"):
+        pytest.skip("the compiled extension is not built")
+    monkeypatch.setenv("MOBILENET_EXT_CPU_ISA", "avx512")
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="MOBILENET_EXT_CPU_ISA"):
+        op.dw_fwd(x, torch.randn(3, 1, 3, 3), torch.ones(3), torch.zeros(3), torch.zeros(3),
+                  torch.ones(3), 1, 1, 1, False, 1e-5, "relu6")
