@@ -12,6 +12,7 @@ import torch
 import mobilenet_ext
 
 from . import core, dw, problem, pw, report
+from . import providers as prov
 from .problem import Op
 
 OPS = {"dw": dw.OP, "pw": pw.OP}
@@ -56,12 +57,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--backend", choices=list(mobilenet_ext.BACKENDS),
                    help="mobilenet_ext backend for 'ours' (default cuda on GPU, cpu on CPU)")
+    p.add_argument("--providers", metavar="LIST",
+                   help="comma-separated subset of " + ",".join(prov.ORDER) + " (default: "
+                        "the device's default set; the others are listed as skipped with "
+                        "the reason); 'all' for every one")
     args = p.parse_args(argv)
     for name in ("batch", "repeats"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     if args.warmup is not None and args.warmup < 0:
         p.error("--warmup must be at least 0")
+    if args.providers is not None:
+        names = prov.ORDER if args.providers == "all" else \
+            [n.strip() for n in args.providers.split(",") if n.strip()]
+        bad = [n for n in names if n not in prov.ORDER]
+        if bad or not names:
+            p.error(f"--providers: unknown {', '.join(bad) or '(empty)'}; choose from "
+                    + ", ".join(prov.ORDER))
+        args.providers = list(names)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     return args
@@ -83,26 +96,18 @@ def resolve(args: argparse.Namespace) -> Config:
                   args.repeats, args.warmup, args.backend)
 
 
-def _ours_unavailable(cfg: Config) -> str | None:
-    """Why 'ours' cannot run with the chosen backend here, or None."""
-    try:
-        mobilenet_ext.set_backend(cfg.backend)
-    except (RuntimeError, ValueError) as e:
-        return str(e)
-    if cfg.backend in ("cuda", "cpu") and cfg.backend != cfg.device.type:
-        return f"backend {cfg.backend!r} cannot run tensors on {cfg.device.type}"
-    return None
-
-
 def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def bench_case(op: Op, layer, mode: str, cfg: Config, skip: dict[str, str], providers=None,
                progress=None) -> list[dict]:
-    """Check, then time, every provider (default op.providers) on one layer and mode; plus
-    the copy baseline."""
-    providers = op.providers if providers is None else providers
+    """Check, then time, every provider (name -> builder; default the device's default set
+    of op.providers) on one layer and mode, except those in skip (name -> reason); plus the
+    copy baseline."""
+    if providers is None:  # the device's default set
+        providers = {name: op.providers[name] for name in prov.DEFAULT[cfg.device.type]
+                     if name in op.providers}
     nbytes = problem.layer_bytes(layer, cfg.batch, cfg.dtype, mode)
     flops = problem.layer_flops(layer, cfg.batch, mode)
     base = {"op": op.name, "layer": layer.name, **asdict(layer), "mode": mode,
@@ -131,14 +136,17 @@ def bench_case(op: Op, layer, mode: str, cfg: Config, skip: dict[str, str], prov
                 progress(row)
         return rows
     checked = {}
+    ctx = prov.ProviderContext(cfg.device, mode, cfg.backend)
     for row, build in zip(rows, providers.values()):
         row["buffers"] = len(buffers)
-        if row["provider"] in skip:
+        if skip.get(row["provider"]):
             row.update(status="skipped", reason=skip[row["provider"]])
         else:
             try:
-                _check_and_time(row, build(template), layer, buffers, ref, checked, mode,
-                                cfg)
+                module = build(template, op.parts(template), ctx)
+                _check_and_time(row, module, layer, buffers, ref, checked, mode, cfg)
+            except prov.Unavailable as e:
+                row.update(status="skipped", reason=str(e))
             except Exception as e:  # one broken provider must not stop the table
                 row.update(status="error", reason=_error(e))
         if progress:
@@ -200,23 +208,23 @@ def main(argv=None) -> int:
     layers = {op.name: [lay for lay in op.layers() if not args.quick or op.quick(lay)]
               for op in ops}
     modes = problem.MODES if args.mode == "both" else (args.mode,)
-    why = _ours_unavailable(cfg)
-    skip = {"ours": why} if why else {}
+    chosen = {op.name: prov.select(op.providers, args.providers, cfg.device) for op in ops}
     if cfg.device.type == "cpu":
         print("no CUDA device: CPU comparison only (ours = mobilenet_ext cpu backend); "
               "GPU numbers need a GPU", file=sys.stderr)
-    if why:
-        print(f"ours: skipped: {why}", file=sys.stderr)
     print(f"bench {' + '.join(f'{len(lays)} {name}' for name, lays in layers.items())} layers "
           f"x {len(modes)} modes, {args.dtype}, {args.layout}, batch {cfg.batch}, "
           f"{cfg.repeats} repeats on {cfg.device.type}", file=sys.stderr)
 
-    show = _progress(sum(len(layers[op.name]) * len(op.providers) for op in ops) * len(modes))
+    show = _progress(sum(len(layers[op.name]) * len(chosen[op.name]) for op in ops)
+                     * len(modes))
     rows = []
     for op in ops:
+        skip = {name: why for name, why in chosen[op.name].items() if why}
+        table = {name: op.providers[name] for name in chosen[op.name]}
         for mode in modes:
             for layer in layers[op.name]:
-                rows += bench_case(op, layer, mode, cfg, skip, progress=show)
+                rows += bench_case(op, layer, mode, cfg, skip, table, progress=show)
                 gc.collect()
                 if cfg.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -228,6 +236,9 @@ def main(argv=None) -> int:
     print(f"\n{env['device']} | torch {env['torch']} | {args.dtype} {args.layout} batch "
           f"{cfg.batch} | median of {cfg.repeats}, {timing}")
     print(report.render(rows, total_rows, show_copy=cfg.device.type == "cuda"))
+    for name, why in dict.fromkeys((r["provider"], r["reason"]) for r in rows
+                                   if r["status"] == "skipped"):
+        print(f"skipped {name}: {why}")
     bad = [r for r in rows if r["status"] in ("FAILED", "error")]
     for r in bad:
         print(f"{r['status']}: {r['op']} {r['layer']} {r['mode']} {r['provider']}: "

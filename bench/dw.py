@@ -1,19 +1,18 @@
 """The depthwise conv + BatchNorm + ReLU6 problem: its eager template and providers.
 
-Both providers are built from one eager template holding the layer's parameters, so they
+Every provider is built from one eager template holding the layer's parameters, so they
 start from identical values. The eager template is what torchvision runs under autocast:
 the conv in the compute dtype, BatchNorm with fp32 parameters (cuDNN's mixed-precision
 BN), ReLU6 in place.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 import mobilenet_ext
 
+from . import providers
 from .problem import FusedBase, Op, init_conv_bn
 from .shapes import DWLayer, mobilenet_v2_dw_layers
 
@@ -45,4 +44,5 @@ class Fused(FusedBase):
 
 
 OP = Op("dw", mobilenet_v2_dw_layers, lambda lay: (lay.c, lay.h, lay.stride) in QUICK,
-        eager_template, {"eager": copy.deepcopy, "ours": Fused})
+        eager_template, providers.standard(Fused, with_native=True),
+        lambda t: (t[0], t[1], t[2]))

@@ -10,6 +10,7 @@ include running_mean and running_var.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -30,8 +31,10 @@ class Op:
     quick: Callable[[object], bool]
     # template(layer, dtype, memory_format, device) -> the eager module with the parameters
     template: Callable[..., nn.Module]
-    # provider name -> builds the provider's module from the template
-    providers: dict[str, Callable[[nn.Module], nn.Module]]
+    # provider name -> builder(template, parts, ctx) (bench/providers.py)
+    providers: dict[str, Callable]
+    # template -> (conv, bn, act) modules
+    parts: Callable[[nn.Module], tuple]
 
 
 def input_names(layer) -> tuple[str, ...]:
@@ -120,17 +123,20 @@ def cast_inputs(inputs, dy, dtype, fmt, mode) -> tuple:
 
 def make_step(module: nn.Module, mode: str) -> Callable:
     """step(inputs, dy): the timed work. infer: y without grad; train: y and the gradients of
-    the inputs and parameters for output gradient dy (nothing accumulates)."""
+    the inputs and parameters for output gradient dy (nothing accumulates). Inside the
+    module's bench_context() when it has one (a backend, or cuDNN off)."""
+    context = getattr(module, "bench_context", contextlib.nullcontext)
     if mode == "infer":
         def step(inputs, dy):
-            with torch.no_grad():
+            with context(), torch.no_grad():
                 return (module(*inputs),)
     else:
         params = tuple(module.parameters())
 
         def step(inputs, dy):
-            y = module(*inputs)
-            return (y, *torch.autograd.grad(y, (*inputs, *params), dy))
+            with context():
+                y = module(*inputs)
+                return (y, *torch.autograd.grad(y, (*inputs, *params), dy))
     return step
 
 

@@ -7,13 +7,12 @@ nothing for the linear projection, and the block's `x + out` when it has a resid
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 import mobilenet_ext
 
+from . import providers
 from .problem import FusedBase, Op, init_conv_bn
 from .shapes import ACT_NAMES, ACTS, PWLayer, mobilenet_v2_pw_layers
 
@@ -57,4 +56,5 @@ class Fused(FusedBase):
 
 OP = Op("pw", mobilenet_v2_pw_layers,
         lambda lay: (lay.kind, lay.cin, lay.cout, lay.h) in QUICK,
-        eager_template, {"eager": copy.deepcopy, "ours": Fused})
+        eager_template, providers.standard(Fused, with_native=False),
+        lambda t: (t.conv, t.bn, t.act))

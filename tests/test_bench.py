@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
 from bench import cli, core, dw, problem, pw, report
+from bench import providers as bench_providers
 from bench.shapes import DWLayer, PWLayer, mobilenet_v2_dw_layers, mobilenet_v2_pw_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,7 +154,7 @@ def test_reference_runs_in_full_fp32_without_autotuning():
 class _Off(nn.Module):
     """Eager, 5% off: a provider the check must reject."""
 
-    def __init__(self, template):
+    def __init__(self, template, parts=None, ctx=None):
         super().__init__()
         self.inner = copy.deepcopy(template)
 
@@ -160,14 +162,15 @@ class _Off(nn.Module):
         return self.inner(*inputs) * 1.05
 
 
-def _raises(template):
+def _raises(template, parts, ctx):
     raise RuntimeError("no kernel\nfor this")
 
 
 def test_wrong_provider_is_failed_and_not_timed():
     cfg = cli.Config(torch.device("cpu"), torch.float32, torch.channels_last, batch=2,
                      repeats=1, warmup=0, backend="cpu")
-    providers = {"eager": copy.deepcopy, "off": _Off, "broken": _raises, "absent": _raises}
+    providers = {"eager": bench_providers.eager, "off": _Off, "broken": _raises,
+                 "absent": _raises}
     rows = cli.bench_case(dw.OP, DWLayer(8, 9, 9, 2), "train", cfg, {"absent": "not built"},
                           providers=providers)
     by = {r["provider"]: r for r in rows}
@@ -188,7 +191,8 @@ def test_pw_providers_checked_with_residual():
     """Eager and ours agree on a projection with residual (every gradient, the residual's
     included) and on an expansion (ReLU6); a provider 5% off fails on dresidual too."""
     proj = PWLayer("project", 24, 8, 5, 5, "identity", residual=True)
-    providers = dict(pw.OP.providers, off=_Off)
+    providers = {name: pw.OP.providers[name] for name in ("eager", "ours")}
+    providers["off"] = _Off
     rows = cli.bench_case(pw.OP, proj, "train", _cpu_cfg(), {}, providers=providers)
     by = {r["provider"]: r for r in rows}
     assert by["eager"]["status"] == "ok" and by["ours"]["status"] == "ok", rows
@@ -202,7 +206,8 @@ def test_pw_providers_checked_with_residual():
 
     expand = PWLayer("expand", 8, 24, 5, 5, "relu6")
     rows = cli.bench_case(pw.OP, expand, "infer", _cpu_cfg(), {})
-    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    assert [(r["provider"], r["status"]) for r in rows] == \
+        [("eager", "ok"), ("folded", "ok"), ("ours", "ok")], rows
     template = pw.OP.template(expand, torch.float32, torch.channels_last, torch.device("cpu"))
     assert isinstance(template.act, nn.ReLU6) and pw.Fused(template).act == "relu6"
 
@@ -282,7 +287,10 @@ def test_cli_cpu_quick_json(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "TOTAL" in res.stdout and "GPU numbers need a GPU" in res.stdout
-    assert "[8/8]" in res.stderr  # 1 dw + 1 pw layer x 2 modes x 2 providers
+    # 1 dw layer x 7 providers + 1 pw layer x 6 (no native) x 2 modes; on a CPU triton,
+    # compile and compile-max are listed as skipped with the reason, folded skips training
+    assert "[26/26]" in res.stderr
+    assert "skipped triton: on a CPU Triton only interprets" in res.stdout
 
     data = json.loads(out.read_text())
     assert set(data) == {"schema", "environment", "args", "rows", "totals"}
@@ -294,11 +302,17 @@ def test_cli_cpu_quick_json(tmp_path):
     args = data["args"]
     assert (args["op"], args["dtype"], args["batch"], args["layout"], args["repeats"]) == \
         ("all", "fp32", 2, "channels_last", 2)
-    assert len(data["rows"]) == 2 * 2 * 2
+    assert len(data["rows"]) == 26
     assert {r["op"] for r in data["rows"]} == {"dw", "pw"}
     for row in data["rows"]:
-        assert row["status"] == "ok", row
-        assert row["provider"] in ("eager", "ours") and row["mode"] in ("infer", "train")
+        skip = row["provider"] in ("triton", "compile", "compile-max") or \
+            (row["provider"], row["mode"]) == ("folded", "train")
+        assert row["status"] == ("skipped" if skip else "ok"), row
+        assert (row["reason"] is None) == (not skip), row
+        assert row["mode"] in ("infer", "train")
+        if skip:
+            assert row["stats"] is None and row["errors"] is None
+            continue
         assert set(row["stats"]) == {"median", "p20", "p80", "min", "n"}
         assert row["stats"]["n"] == 2
         assert row["stats"]["min"] <= row["stats"]["p20"] <= row["stats"]["median"] \
@@ -311,6 +325,43 @@ def test_cli_cpu_quick_json(tmp_path):
         assert row["intensity"] == row["flops"] / row["bytes"]
         assert row["gbps"] > 0 and row["speedup"] > 0 and row["pct_copy"] is None
         assert set(row["errors"]) == set(problem.output_names(layer, row["mode"]))
+    ran = {(o, m, p) for o in ("dw", "pw", "all") for m in ("infer", "train")
+           for p in ("eager", "ours", "folded", "native")
+           if not (p == "folded" and m == "train") and not (p == "native" and o == "pw")}
     assert {(t["op"], t["mode"], t["provider"], t["layer"]) for t in data["totals"]} == \
-        {(o, m, p, "TOTAL") for o in ("dw", "pw", "all") for m in ("infer", "train")
-         for p in ("eager", "ours")}
+        {(o, m, p, "TOTAL") for o, m, p in ran}
+
+
+def test_provider_selection_and_list_argument():
+    cpu = torch.device("cpu")
+    sel = bench_providers.select(dw.OP.providers, None, cpu)
+    assert list(sel) == list(bench_providers.ORDER)
+    assert {name for name, why in sel.items() if why is None} == \
+        {"eager", "folded", "native", "ours"}
+    assert "interprets" in sel["triton"] and "--providers compile" in sel["compile"]
+    # the pointwise op has no separate native kernel (a 1x1 conv is a GEMM either way)
+    assert "native" not in bench_providers.select(pw.OP.providers, None, cpu)
+    assert bench_providers.select(dw.OP.providers, ["ours", "eager"], cpu) == \
+        {"eager": None, "ours": None}
+    gpu = bench_providers.select(dw.OP.providers, None, torch.device("cuda"))
+    assert gpu["compile"] is None and gpu["triton"] is None and "minutes" in gpu["compile-max"]
+    assert cli.parse_args(["--providers", "eager, compile"]).providers == ["eager", "compile"]
+    assert cli.parse_args(["--providers", "all"]).providers == list(bench_providers.ORDER)
+    for bad in ("eager,cudnn", ","):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--providers", bad])
+
+
+def test_folded_provider_matches_eager_in_eval_only():
+    layer = PWLayer("project", 12, 20, 5, 5, "identity", residual=True)
+    template = pw.OP.template(layer, torch.float32, torch.contiguous_format,
+                              torch.device("cpu")).double().eval()
+    ctx = bench_providers.ProviderContext(torch.device("cpu"), "infer", "cpu")
+    folded = pw.OP.providers["folded"](template, pw.OP.parts(template), ctx)
+    x, r = torch.randn(2, 12, 5, 5, dtype=torch.float64), torch.randn(2, 20, 5, 5,
+                                                                     dtype=torch.float64)
+    torch.testing.assert_close(folded(x, r), template(x, r))
+    assert folded.conv.bias is not None and template.conv.bias is None
+    with pytest.raises(bench_providers.Unavailable, match="inference"):
+        pw.OP.providers["folded"](template, pw.OP.parts(template),
+                                  dataclasses.replace(ctx, mode="train"))
