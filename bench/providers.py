@@ -63,10 +63,11 @@ class Folded(nn.Module):
         super().__init__()
         self.conv = copy.deepcopy(conv)
         with torch.no_grad():
-            scale = bn.weight.float() * (bn.running_var.float() + bn.eps).rsqrt()
-            shift = bn.bias.float() - bn.running_mean.float() * scale
             w = self.conv.weight
-            w.copy_((w.float() * scale.view(-1, 1, 1, 1)).to(w.dtype))
+            acc = torch.promote_types(w.dtype, torch.float32)  # fold in fp32 (or fp64)
+            scale = bn.weight.to(acc) * (bn.running_var.to(acc) + bn.eps).rsqrt()
+            shift = bn.bias.to(acc) - bn.running_mean.to(acc) * scale
+            w.copy_((w.to(acc) * scale.view(-1, 1, 1, 1)).to(w.dtype))
             self.conv.bias = nn.Parameter(shift.to(w.dtype))
         self.act = copy.deepcopy(act)
 
