@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import sys
 from dataclasses import asdict, dataclass
@@ -11,7 +12,7 @@ import torch
 
 import mobilenet_ext
 
-from . import core, dw, problem, pw, report
+from . import core, dw, model, problem, pw, report
 from . import providers as prov
 from .problem import Op
 
@@ -40,11 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "PyTorch ('eager': Conv2d, BatchNorm2d, ReLU6, + residual as torchvision "
                     "runs them) on every MobileNetV2 depthwise and pointwise layer. Outputs "
                     "are checked before timing.")
-    p.add_argument("--op", choices=[*OPS, "all"], default="all",
+    p.add_argument("--op", choices=[*OPS, "model", "all"], default="all",
                    help="dw: depthwise 3x3 layers; pw: 1x1 layers (expansion, projection with "
-                        "or without residual, last conv); all: both (default)")
+                        "or without residual, last conv); model: torchvision mobilenet_v2 "
+                        "whole (eager, converted, compiled); all: every one (default)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default fp16 on GPU, fp32 on CPU")
-    p.add_argument("--batch", type=int, help="default 128 on GPU, 8 on CPU")
+    p.add_argument("--batch", help="batch size, or a comma-separated list (e.g. 1,32,128); "
+                                   "default 128 on GPU, 8 on CPU")
     p.add_argument("--layout", choices=list(LAYOUTS), default="channels_last")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both",
                    help="infer: eval forward without grad; train: training forward + "
@@ -52,25 +55,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="one layer per op and few repeats: a smoke run")
     p.add_argument("--json", metavar="PATH", help="write environment, args and raw rows here")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG: speedup over eager and %% of "
+                                                  "copy bandwidth per layer (needs matplotlib)")
     p.add_argument("--repeats", type=int, help="timed calls per row (default 100 GPU, 10 CPU)")
     p.add_argument("--warmup", type=int, help="untimed calls before timing")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--backend", choices=list(mobilenet_ext.BACKENDS),
                    help="mobilenet_ext backend for 'ours' (default cuda on GPU, cpu on CPU)")
     p.add_argument("--providers", metavar="LIST",
-                   help="comma-separated subset of " + ",".join(prov.ORDER) + " (default: "
+                   help="comma-separated subset of " + ",".join(prov.ORDER) + " (layers) and "
+                        + ",".join(model.ORDER) + " (model) (default: "
                         "the device's default set; the others are listed as skipped with "
                         "the reason); 'all' for every one")
     args = p.parse_args(argv)
-    for name in ("batch", "repeats"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+    if args.repeats is not None and args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    args.batches = None
+    if args.batch is not None:
+        try:
+            args.batches = [int(b) for b in str(args.batch).split(",")]
+        except ValueError:
+            p.error(f"--batch: expected integers, got {args.batch!r}")
+        if not args.batches or min(args.batches) < 1:
+            p.error("--batch must be at least 1")
     if args.warmup is not None and args.warmup < 0:
         p.error("--warmup must be at least 0")
     if args.providers is not None:
-        names = prov.ORDER if args.providers == "all" else \
+        names = list(dict.fromkeys(prov.ORDER + model.ORDER)) if args.providers == "all" else \
             [n.strip() for n in args.providers.split(",") if n.strip()]
-        bad = [n for n in names if n not in prov.ORDER]
+        bad = [n for n in names if n not in prov.ORDER + model.ORDER]
         if bad or not names:
             p.error(f"--providers: unknown {', '.join(bad) or '(empty)'}; choose from "
                     + ", ".join(prov.ORDER))
@@ -87,13 +100,14 @@ def resolve(args: argparse.Namespace) -> Config:
     if args.quick:
         repeats, warmup = q_repeats, q_warmup
     args.dtype = args.dtype or dtype
-    args.batch = args.batch or batch
+    args.batches = args.batches or [batch]
+    args.batch = args.batches[0] if len(args.batches) == 1 else args.batches
     args.repeats = args.repeats or repeats
     args.warmup = warmup if args.warmup is None else args.warmup
     args.backend = args.backend or kind
     args.device = kind
-    return Config(torch.device(kind), DTYPES[args.dtype], LAYOUTS[args.layout], args.batch,
-                  args.repeats, args.warmup, args.backend)
+    return Config(torch.device(kind), DTYPES[args.dtype], LAYOUTS[args.layout],
+                  args.batches[0], args.repeats, args.warmup, args.backend)
 
 
 def _error(e: BaseException) -> str:
@@ -192,9 +206,13 @@ def _progress(total: int):
     def show(row: dict) -> None:
         done[0] += 1
         ms = row["stats"]["median"] if row["stats"] else None
-        what = f"{report.num(ms, 4)} ms, {report.num(row['bytes'] / ms / 1e6, 3)} GB/s" if ms \
-            else f"{row['status']}: {row['reason']}"
-        print(f"[{done[0]}/{total}] {row['op']} {row['layer']} {row['mode']} "
+        if ms and "images_per_s" in row:
+            what = f"{report.num(ms, 4)} ms, {report.num(row['images_per_s'], 4)} img/s"
+        elif ms:
+            what = f"{report.num(ms, 4)} ms, {report.num(row['bytes'] / ms / 1e6, 3)} GB/s"
+        else:
+            what = f"{row['status']}: {row['reason']}"
+        print(f"[{done[0]}/{total}] {row['op']} {row['layer']} {row['mode']} b{row['batch']} "
               f"{row['provider']}: {what}", file=sys.stderr, flush=True)
     return show
 
@@ -204,7 +222,8 @@ def main(argv=None) -> int:
     cfg = resolve(args)
     if cfg.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # eager at its best, as in training scripts
-    ops = list(OPS.values()) if args.op == "all" else [OPS[args.op]]
+    names = list(OPS) + ["model"] if args.op == "all" else [args.op]
+    ops = [OPS[n] for n in names if n in OPS]
     layers = {op.name: [lay for lay in op.layers() if not args.quick or op.quick(lay)]
               for op in ops}
     modes = problem.MODES if args.mode == "both" else (args.mode,)
@@ -213,39 +232,64 @@ def main(argv=None) -> int:
         print("no CUDA device: CPU comparison only (ours = mobilenet_ext cpu backend); "
               "GPU numbers need a GPU", file=sys.stderr)
     print(f"bench {' + '.join(f'{len(lays)} {name}' for name, lays in layers.items())} layers "
-          f"x {len(modes)} modes, {args.dtype}, {args.layout}, batch {cfg.batch}, "
+          f"{'+ the whole model ' if 'model' in names else ''}x {len(modes)} modes, "
+          f"{args.dtype}, {args.layout}, batch {','.join(map(str, args.batches))}, "
           f"{cfg.repeats} repeats on {cfg.device.type}", file=sys.stderr)
 
-    show = _progress(sum(len(layers[op.name]) * len(chosen[op.name]) for op in ops)
-                     * len(modes))
-    rows = []
-    for op in ops:
-        skip = {name: why for name, why in chosen[op.name].items() if why}
-        table = {name: op.providers[name] for name in chosen[op.name]}
-        for mode in modes:
-            for layer in layers[op.name]:
-                rows += bench_case(op, layer, mode, cfg, skip, table, progress=show)
-                gc.collect()
-                if cfg.device.type == "cuda":
-                    torch.cuda.empty_cache()
-    report.finish(rows)
-    total_rows = report.totals(rows)
+    n_model = len(model.ORDER) if args.providers is None else \
+        len([n for n in model.ORDER if n in args.providers])
+    show = _progress((sum(len(layers[op.name]) * len(chosen[op.name]) for op in ops)
+                      + n_model * ("model" in names)) * len(modes) * len(args.batches))
+    rows, total_rows, model_rows = [], [], []
+    for batch in args.batches:
+        cfg = dataclasses.replace(cfg, batch=batch)
+        batch_rows = []
+        for op in ops:
+            skip = {name: why for name, why in chosen[op.name].items() if why}
+            table = {name: op.providers[name] for name in chosen[op.name]}
+            for mode in modes:
+                for layer in layers[op.name]:
+                    batch_rows += bench_case(op, layer, mode, cfg, skip, table, progress=show)
+                    gc.collect()
+                    if cfg.device.type == "cuda":
+                        torch.cuda.empty_cache()
+        report.finish(batch_rows)
+        batch_totals = report.totals(batch_rows)
+        for t in batch_totals:
+            t["batch"] = batch
+        rows += batch_rows
+        total_rows += batch_totals
+        if "model" in names:
+            model_rows += model.run(cfg.device, cfg.dtype, cfg.fmt, batch, modes,
+                                    args.providers, cfg.backend, cfg.warmup,
+                                    max(2, cfg.repeats // 4) if args.quick else cfg.repeats,
+                                    progress=show, quick=args.quick)
 
     env = report.environment(cfg.device)
     timing = "device time (CUDA events), L2 rotated" if cfg.device.type == "cuda" else "wall time"
-    print(f"\n{env['device']} | torch {env['torch']} | {args.dtype} {args.layout} batch "
-          f"{cfg.batch} | median of {cfg.repeats}, {timing}")
-    print(report.render(rows, total_rows, show_copy=cfg.device.type == "cuda"))
-    for name, why in dict.fromkeys((r["provider"], r["reason"]) for r in rows
+    for batch in args.batches:
+        br = [r for r in rows if r["batch"] == batch]
+        if br:
+            print(f"\n{env['device']} | torch {env['torch']} | {args.dtype} {args.layout} batch "
+                  f"{batch} | median of {cfg.repeats}, {timing}")
+            print(report.render(br, [t for t in total_rows if t["batch"] == batch],
+                                show_copy=cfg.device.type == "cuda"))
+    if model_rows:
+        print(f"\n{env['device']} | whole model, {args.dtype} {args.layout} | {timing}")
+        print(model.render(model_rows))
+    everything = rows + model_rows
+    for name, why in dict.fromkeys((r["provider"], r["reason"]) for r in everything
                                    if r["status"] == "skipped"):
         print(f"skipped {name}: {why}")
-    bad = [r for r in rows if r["status"] in ("FAILED", "error")]
+    bad = [r for r in everything if r["status"] in ("FAILED", "error")]
     for r in bad:
         print(f"{r['status']}: {r['op']} {r['layer']} {r['mode']} {r['provider']}: "
               f"{r['reason']}")
     if cfg.device.type == "cpu":
         print("CPU numbers only: GPU numbers need a GPU (run bench/gpu_check.sh there).")
     if args.json:
-        report.write_json(args.json, env, vars(args), rows, total_rows)
+        report.write_json(args.json, env, vars(args), rows, total_rows, model_rows)
         print(f"wrote {args.json}")
+    if args.plot:
+        print(report.plot(args.plot, rows, model_rows))
     return 1 if bad else 0

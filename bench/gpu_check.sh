@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One-shot GPU check: build for the local GPU, run every test (GPU ones included), a
-# compute-sanitizer memcheck smoke run, and the default benchmark. Finishes in under
+# compute-sanitizer memcheck smoke run, and the quick benchmark (batch 1 and 128, every
+# provider on one layer per op, the whole model; JSON and PNG). Finishes in under
 # 8 minutes on an H100; each step is capped with `timeout` and the whole run with a budget.
 #
 #   bench/gpu_check.sh OUTDIR
 #
-# OUTDIR gets build.log, tests.log, sanitizer.log, bench.log, bench.json and gpu_check.log
+# OUTDIR gets build.log, tests.log, sanitizer.log, bench.log, bench.json, bench.png and
+# gpu_check.log
 # (everything). A failing step is recorded and the next one still runs; the last line is a
 # one-line summary and the exit status is 0 only when every step passed.
 # Environment: PYTHON (default python), GPU_CHECK_BUDGET_S (default 470).
@@ -85,7 +87,8 @@ else
   SUMMARY+=("sanitizer=not-found")
 fi
 
-step bench 240 0 "$PY" -m bench --json "$OUT/bench.json"
+step bench 240 0 "$PY" -m bench --quick --batch 1,128 --json "$OUT/bench.json" \
+  --plot "$OUT/bench.png"
 
 echo "gpu_check summary: ${SUMMARY[*]} total ${SECONDS}s -> $OUT"
 exit "$FAILED"

@@ -160,9 +160,62 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def write_json(path: str, env: dict, args: dict, rows: list[dict], total_rows: list[dict]):
+def write_json(path: str, env: dict, args: dict, rows: list[dict], total_rows: list[dict],
+               model_rows: list[dict] | None = None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"schema": 2, "environment": env, "args": args, "rows": rows,
-                   "totals": total_rows}, f, indent=1)
+        json.dump({"schema": 3, "environment": env, "args": args, "rows": rows,
+                   "totals": total_rows, "models": model_rows or []}, f, indent=1)
         f.write("\n")
+
+
+def plot(path: str, rows: list[dict], model_rows: list[dict]) -> str:
+    """A PNG with one panel per (op, mode, batch): speedup over eager per layer and
+    provider (bars), and, when the copy baseline was measured (GPU), % of copy bandwidth
+    (markers, right axis); the whole-model speedups in a last panel. Returns what it did."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"--plot {path}: matplotlib is not installed (pip install matplotlib); no plot"
+    groups = list(dict.fromkeys((r["op"], r["mode"], r["batch"]) for r in rows))
+    panels = groups + ([("model", None, None)] if model_rows else [])
+    if not panels:
+        return f"--plot {path}: nothing to plot"
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.2 * len(panels)), squeeze=False)
+    for ax, (op, mode, batch) in zip(axes[:, 0], panels):
+        sel = [r for r in (model_rows if op == "model" else rows)
+               if op == "model" or (r["op"], r["mode"], r["batch"]) == (op, mode, batch)]
+        labels = list(dict.fromkeys(
+            f"{r['layer']} {r['mode']} b{r['batch']}" if op == "model" else r["layer"]
+            for r in sel))
+        provs = [p for p in dict.fromkeys(r["provider"] for r in sel)
+                 if any(x["provider"] == p and x.get("speedup") for x in sel)]
+        width = 0.8 / max(1, len(provs))
+        for i, p in enumerate(provs):
+            xs, ys, pct = [], [], []
+            for j, lab in enumerate(labels):
+                for r in sel:
+                    key = f"{r['layer']} {r['mode']} b{r['batch']}" if op == "model" \
+                        else r["layer"]
+                    if r["provider"] == p and key == lab and r.get("speedup"):
+                        xs.append(j + i * width)
+                        ys.append(r["speedup"])
+                        pct.append(r.get("pct_copy"))
+            ax.bar(xs, ys, width, label=p)
+            if any(v is not None for v in pct):
+                ax2 = ax.twinx() if not hasattr(ax, "_pct") else ax._pct
+                ax._pct = ax2
+                ax2.plot(xs, [v if v is not None else float("nan") for v in pct], "k.")
+                ax2.set_ylabel("% of copy bandwidth (dots)")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("speedup over eager")
+        ax.set_title("whole model" if op == "model" else f"{op} {mode} batch {batch}")
+        ax.legend(fontsize=7, ncol=len(provs))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"wrote {path}"

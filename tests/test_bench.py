@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from bench import cli, core, dw, problem, pw, report
+from bench import model as bench_model
 from bench import providers as bench_providers
 from bench.shapes import DWLayer, PWLayer, mobilenet_v2_dw_layers, mobilenet_v2_pw_layers
 
@@ -289,11 +290,19 @@ def test_cli_cpu_quick_json(tmp_path):
     assert "TOTAL" in res.stdout and "GPU numbers need a GPU" in res.stdout
     # 1 dw layer x 7 providers + 1 pw layer x 6 (no native) x 2 modes; on a CPU triton,
     # compile and compile-max are listed as skipped with the reason, folded skips training
-    assert "[26/26]" in res.stderr
+    # + the whole model: 5 providers x 2 modes (eager, ours run; the others skipped)
+    assert "[36/36]" in res.stderr
     assert "skipped triton: on a CPU Triton only interprets" in res.stdout
 
     data = json.loads(out.read_text())
-    assert set(data) == {"schema", "environment", "args", "rows", "totals"}
+    assert set(data) == {"schema", "environment", "args", "rows", "totals", "models"}
+    models = {(r["provider"], r["mode"]): r for r in data["models"]}
+    assert set(models) == {(p, m) for p in bench_model.ORDER for m in ("infer", "train")}
+    for (name, mode), r in models.items():
+        assert r["status"] == ("ok" if name in ("eager", "ours") else "skipped"), r
+        if r["status"] == "ok":
+            assert r["batch"] == 2 and r["error"] < 1e-3 and r["speedup"] > 0
+            assert abs(r["images_per_s"] - 2e3 / r["stats"]["median"]) < 1e-6
     env = data["environment"]
     for key in ("device", "sm_count", "torch", "cuda", "cudnn", "triton", "git_commit", "date",
                 "backends"):
@@ -346,7 +355,8 @@ def test_provider_selection_and_list_argument():
     gpu = bench_providers.select(dw.OP.providers, None, torch.device("cuda"))
     assert gpu["compile"] is None and gpu["triton"] is None and "minutes" in gpu["compile-max"]
     assert cli.parse_args(["--providers", "eager, compile"]).providers == ["eager", "compile"]
-    assert cli.parse_args(["--providers", "all"]).providers == list(bench_providers.ORDER)
+    assert cli.parse_args(["--providers", "all"]).providers == \
+        list(dict.fromkeys(bench_providers.ORDER + bench_model.ORDER))
     for bad in ("eager,cudnn", ","):
         with pytest.raises(SystemExit):
             cli.parse_args(["--providers", bad])
@@ -365,3 +375,11 @@ def test_folded_provider_matches_eager_in_eval_only():
     with pytest.raises(bench_providers.Unavailable, match="inference"):
         pw.OP.providers["folded"](template, pw.OP.parts(template),
                                   dataclasses.replace(ctx, mode="train"))
+
+
+def test_batch_list_argument():
+    assert cli.parse_args(["--batch", "1,32,128"]).batches == [1, 32, 128]
+    assert cli.parse_args(["--batch", "4"]).batches == [4]
+    for bad in ("0", "1,x", "-2"):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--batch", bad])

@@ -1,0 +1,182 @@
+"""Whole-model rows: torchvision mobilenet_v2 (width 1.0, 224x224) as eager PyTorch runs it,
+converted to mobilenet_ext (cuda / cpu backend as "ours", and "triton"), compiled with
+torch.compile, and converted + compiled. Inference: images/s; training: one step
+(forward, a loss, backward to every parameter; no optimizer update) in ms; peak memory of
+that step on a GPU. Every provider's logits are checked against the eager model run one
+precision up before it is timed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+import mobilenet_ext
+
+from . import core
+from .providers import NOT_DEFAULT, using_backend
+
+ORDER = ("eager", "ours", "triton", "compile", "ours+compile")
+DEFAULT = {"cuda": ORDER, "cpu": ("eager", "ours")}
+IMAGE = 224
+
+
+def build_eager(seed: int = 0) -> torch.nn.Module:
+    """torchvision mobilenet_v2 with random weights, BN statistics away from 0/1, and the
+    classifier's dropout off (p=0: same work, deterministic output)."""
+    import torchvision
+    torch.manual_seed(seed)
+    model = torchvision.models.mobilenet_v2()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0  # deterministic training outputs, so they can be checked
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def _provider(name: str, eager: torch.nn.Module, device: torch.device, backend: str):
+    """(module, context) for one provider, or a str saying why it cannot run."""
+    if name in ("triton",) and device.type != "cuda":
+        return NOT_DEFAULT["triton"]
+    if name in ("compile", "ours+compile") and device.type == "cuda" and \
+            not mobilenet_ext.backends()["triton"].available:
+        return "torch.compile needs triton on a GPU"
+    ctx = contextlib.nullcontext
+    if name in ("ours", "triton", "ours+compile"):
+        be = "triton" if name == "triton" else backend
+        if not mobilenet_ext.backends()[be].available:
+            return f"backend {be!r}: {mobilenet_ext.backends()[be].detail}"
+        module = mobilenet_ext.convert(eager)
+        ctx = lambda: using_backend(be)  # noqa: E731
+    else:
+        module = copy.deepcopy(eager)
+    if name in ("compile", "ours+compile"):
+        module = torch.compile(module)
+    return module, ctx
+
+
+def _step(module, mode: str, ctx):
+    params = [p for p in module.parameters() if p.requires_grad]
+    if mode == "infer":
+        def step(x):
+            with ctx(), torch.no_grad():
+                return module(x)
+    else:
+        def step(x):
+            with ctx():
+                y = module(x)
+                grads = torch.autograd.grad(y.float().square().mean(), params)
+                return y, grads
+    return step
+
+
+def run(device: torch.device, dtype: torch.dtype, fmt: torch.memory_format, batch: int,
+        modes, requested, backend: str, warmup: int, repeats: int, progress=None,
+        quick: bool = False) -> list[dict]:
+    """Check, then time, each provider (requested, or the device's default set; with quick
+    the compiled ones only when requested) in each mode. Rows as in the module docstring."""
+    names = [n for n in ORDER if requested is None or n in requested]
+    default = DEFAULT[device.type]
+    eager32 = build_eager()
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(batch, 3, IMAGE, IMAGE, generator=gen)
+    rows = []
+    for mode in modes:
+        ref_dtype = core.REF_DTYPE[dtype]
+        truth = copy.deepcopy(eager32).to(device, ref_dtype, memory_format=fmt)
+        truth.train(mode == "train")
+        with core.for_reference(), torch.no_grad():
+            ref = truth(x0.to(device, ref_dtype).contiguous(memory_format=fmt))
+        del truth
+        eager = copy.deepcopy(eager32).to(device, dtype, memory_format=fmt).train(mode == "train")
+        xs = [x0.to(device, dtype).contiguous(memory_format=fmt) for _ in range(2)]
+        base_y = None
+        for name in names:
+            row = {"op": "model", "model": "mobilenet_v2", "layer": f"mobilenet_v2 {IMAGE}px",
+                   "mode": mode, "provider": name, "batch": batch,
+                   "dtype": str(dtype).removeprefix("torch."),
+                   "layout": "channels_last" if fmt == torch.channels_last else "nchw",
+                   "status": "ok", "reason": None, "stats": None, "error": None,
+                   "images_per_s": None, "peak_mb": None}
+            rows.append(row)
+            if requested is None and quick and "compile" in name:
+                row.update(status="skipped", reason="--quick: compiling the whole model takes "
+                           "minutes: --providers " + name)
+            elif requested is None and name not in default:
+                row.update(status="skipped", reason="not in the CPU default set: --providers "
+                           + name if name != "triton" else NOT_DEFAULT["triton"])
+            else:
+                try:
+                    _check_and_time(row, name, eager, xs, ref, mode, device, backend, warmup,
+                                    repeats, base_y)
+                    if name == "eager" and row["status"] == "ok":
+                        base_y = row.pop("_y")
+                    row.pop("_y", None)
+                except Exception as e:  # one broken provider must not stop the rest
+                    row.update(status="error", reason=f"{type(e).__name__}: "
+                               + (str(e).strip().splitlines() or [""])[0])
+            if progress:
+                progress(row)
+        del eager, xs
+    base = {(r["mode"], r["batch"]): r["stats"]["median"] for r in rows
+            if r["provider"] == "eager" and r["stats"]}
+    for r in rows:
+        b = base.get((r["mode"], r["batch"]))
+        r["speedup"] = b / r["stats"]["median"] if b and r["stats"] else None
+    return rows
+
+
+def _check_and_time(row, name, eager, xs, ref, mode, device, backend, warmup, repeats,
+                    base_y):
+    got = _provider(name, eager, device, backend)
+    if isinstance(got, str):
+        row.update(status="skipped", reason=got)
+        return
+    module, ctx = got
+    module.train(mode == "train")
+    step = _step(module, mode, ctx)
+    out = step(xs[0])
+    y = out if mode == "infer" else out[0]
+    row["_y"] = y.detach()
+    errs, why = core.compare({"y": y}, {"y": ref}, xs[0].dtype, {"y": 2.0},
+                             None if base_y is None else {"y": base_y})
+    row["error"] = errs.get("y")
+    if why:
+        row.update(status="FAILED", reason=why)
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step(xs[1])
+        torch.cuda.synchronize(device)
+        row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    stats = core.measure(lambda i: step(xs[i % len(xs)]), device, warmup=warmup,
+                         repeats=repeats)
+    row["stats"] = stats.asdict()
+    row["images_per_s"] = row["batch"] / stats.median * 1e3
+
+
+def render(rows: list[dict]) -> str:
+    head = ["model", "batch", "mode", "provider", "ms", "img/s", "peak MB", "speedup", "status"]
+    body = []
+    from .report import num
+    for r in rows:
+        ms = r["stats"]["median"] if r["stats"] else None
+        body.append([r["layer"], str(r["batch"]), r["mode"], r["provider"], num(ms, 4),
+                     num(r["images_per_s"], 4), num(r["peak_mb"], 4),
+                     "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+                     "" if r["status"] == "ok" else r["status"]])
+    widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
+    left = {0, 2, 3, len(head) - 1}
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(head), "-" * len(line(head))] + [line(c) for c in body])
