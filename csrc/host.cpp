@@ -215,6 +215,18 @@ at::Tensor pw_conv_gemm(const PwGeom& g, const at::Tensor& x, const at::Tensor& 
   return conv.view({g.N, g.Cout, g.H, g.W});
 }
 
+void pw_conv_gemm_out(const PwGeom& g, const at::Tensor& x, const at::Tensor& w2,
+                      at::Tensor& out) {
+  if (g.channels_last) {
+    auto m = out.permute({0, 2, 3, 1}).view({-1, g.Cout});  // [N*H*W, Cout], out's memory
+    at::mm_out(m, cl_matrix(x), w2.t());
+    return;
+  }
+  auto m = out.view({g.N, g.Cout, g.H * g.W});
+  at::bmm_out(m, w2.unsqueeze(0).expand({g.N, g.Cout, g.Cin}),
+              x.reshape({g.N, g.Cin, g.H * g.W}));
+}
+
 at::Tensor pw_dx_gemm(const PwGeom& g, const at::Tensor& dc, const at::Tensor& w2) {
   if (g.channels_last) return from_cl_matrix(at::mm(cl_matrix(dc), w2), g.N, g.H, g.W);
   auto dx = at::bmm(w2.t().unsqueeze(0).expand({g.N, g.Cin, g.Cout}),

@@ -84,6 +84,10 @@ PwGeom pw_bwd_check(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
 // fp32 from fp16/bf16 inputs is a cuBLAS GEMM with fp32 output, CUDA only).
 at::Tensor pw_conv_gemm(const PwGeom& g, const at::Tensor& x, const at::Tensor& w2,
                         c10::optional<at::ScalarType> out_dtype = c10::nullopt);
+// The same GEMM written into out (N, Cout, H, W), contiguous in x's memory format and
+// x's dtype: no view of a temporary escapes (autograd forbids in-place ops on those).
+void pw_conv_gemm_out(const PwGeom& g, const at::Tensor& x, const at::Tensor& w2,
+                      at::Tensor& out);
 // dx (N, Cin, H, W) in x's memory format from dc laid out like y.
 at::Tensor pw_dx_gemm(const PwGeom& g, const at::Tensor& dc, const at::Tensor& w2);
 // dweight (Cout, Cin) from dc laid out like y.

@@ -36,10 +36,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cpu(
   }
   if (y.numel() == 0) return {y, mean, invstd};
   auto w2 = weight.reshape({g.Cout, g.Cin}).to(acc);
-  auto conv = pw_conv_gemm(g, x.to(acc), w2);
-  // In the accumulation dtype the epilogue runs in place over the GEMM output,
-  // which then is y: no second y-sized allocation (page faults dominate on CPU).
-  if (x.scalar_type() == acc) y = conv;
+  // In the accumulation dtype the GEMM writes y and the epilogue runs in place:
+  // no second y-sized allocation (its page faults cost more than the epilogue on CPU).
+  at::Tensor conv = y;
+  if (x.scalar_type() == acc) {
+    pw_conv_gemm_out(g, x, w2, y);
+  } else {
+    conv = pw_conv_gemm(g, x.to(acc), w2);
+  }
   at::Tensor res;
   if (residual.has_value()) res = residual->contiguous(g.format());
   cpu::kernels().pw_fwd(g, conv, training, eps, bn_weight, bn_bias, mean, invstd, res, y);
