@@ -14,7 +14,7 @@ import mobilenet_ext
 
 from . import providers
 from .problem import FusedBase, Op, init_conv_bn
-from .shapes import DWLayer, mobilenet_v2_dw_layers
+from .shapes import DWLayer, mobilenet_v1_dw_layers, mobilenet_v2_dw_layers
 
 QUICK = ((144, 56, 2),)  # (c, h, stride) of the --quick layer: a stride-2 one
 
@@ -43,6 +43,7 @@ class Fused(FusedBase):
                          padding=self.padding, act="relu6")
 
 
-OP = Op("dw", mobilenet_v2_dw_layers, lambda lay: (lay.c, lay.h, lay.stride) in QUICK,
+OP = Op("dw", lambda: mobilenet_v2_dw_layers() + mobilenet_v1_dw_layers(),
+        lambda lay: lay.net == "v2" and (lay.c, lay.h, lay.stride) in QUICK,
         eager_template, providers.standard(Fused, with_native=True),
         lambda t: (t[0], t[1], t[2]))

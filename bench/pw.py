@@ -14,7 +14,7 @@ import mobilenet_ext
 
 from . import providers
 from .problem import FusedBase, Op, init_conv_bn
-from .shapes import ACT_NAMES, ACTS, PWLayer, mobilenet_v2_pw_layers
+from .shapes import ACT_NAMES, ACTS, PWLayer, mobilenet_v1_pw_layers, mobilenet_v2_pw_layers
 
 QUICK = (("project", 960, 160, 7),)  # (kind, cin, cout, h) of the --quick layer: a residual one
 
@@ -54,7 +54,7 @@ class Fused(FusedBase):
         return self.call(mobilenet_ext.pw_conv_bn_act, x, residual=residual, act=self.act)
 
 
-OP = Op("pw", mobilenet_v2_pw_layers,
-        lambda lay: (lay.kind, lay.cin, lay.cout, lay.h) in QUICK,
+OP = Op("pw", lambda: mobilenet_v2_pw_layers() + mobilenet_v1_pw_layers(),
+        lambda lay: lay.net == "v2" and (lay.kind, lay.cin, lay.cout, lay.h) in QUICK,
         eager_template, providers.standard(Fused, with_native=False),
         lambda t: (t.conv, t.bn, t.act))

@@ -32,16 +32,23 @@ def finish(rows: list[dict]) -> None:
 
 
 def totals(rows: list[dict]) -> list[dict]:
-    """Per op, mode and provider: the network's time, sum of count x median, over the layers
-    where every provider that ran is ok (the label says so when some layer is left out).
-    With several ops, also their sum (op "all") per mode and provider."""
+    """Per network (MobileNetV2, V1: label "TOTAL v1"), op, mode and provider: the network's
+    time, sum of count x median, over the layers where every provider that ran is ok (the
+    label says so when some layer is left out). With several ops, also their sum (op "all")
+    per mode and provider."""
     ops = list(dict.fromkeys(r["op"] for r in rows))
     groups = [(op, {op}) for op in ops] + ([("all", set(ops))] if len(ops) > 1 else [])
     out = []
-    for name, members in groups:
-        for mode in dict.fromkeys(r["mode"] for r in rows if r["op"] in members):
-            rs = [r for r in rows if r["mode"] == mode and r["op"] in members]
-            out += _total(name, mode, rs)
+    for net in dict.fromkeys(r.get("net", "v2") for r in rows):
+        of_net = [r for r in rows if r.get("net", "v2") == net]
+        for name, members in groups:
+            for mode in dict.fromkeys(r["mode"] for r in of_net if r["op"] in members):
+                rs = [r for r in of_net if r["mode"] == mode and r["op"] in members]
+                for t in _total(name, mode, rs):
+                    t["net"] = net
+                    if net != "v2":
+                        t["layer"] = f"{t['layer']} {net}"
+                    out.append(t)
     finish(out)
     return out
 

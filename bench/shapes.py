@@ -27,6 +27,7 @@ class DWLayer:
     stride: int
     k: int = 3
     count: int = 1  # how many times the network runs this shape
+    net: str = "v2"  # MobileNet version whose layer this is
 
     @property
     def padding(self) -> int:
@@ -38,7 +39,8 @@ class DWLayer:
 
     @property
     def name(self) -> str:
-        return f"{self.c}@{self.h}x{self.w} s{self.stride}" + ("" if self.k == 3 else f" k{self.k}")
+        return ("" if self.net == "v2" else f"{self.net} ") + \
+            f"{self.c}@{self.h}x{self.w} s{self.stride}" + ("" if self.k == 3 else f" k{self.k}")
 
     def shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         """The module's inputs in call order, then its output y."""
@@ -55,7 +57,7 @@ class PWLayer:
     """One distinct pointwise (1x1, stride 1) layer: cin -> cout channels on h x w, then BN,
     `act` and, when `residual`, the block input added (MobileNetV2's linear bottleneck).
     kind: "expand" (before the depthwise conv of a block), "project" (after it) or "last"
-    (the 1x1 conv after the blocks)."""
+    (the 1x1 conv after the blocks) in MobileNetV2; "pointwise" in MobileNetV1."""
     kind: str
     cin: int
     cout: int
@@ -64,10 +66,12 @@ class PWLayer:
     act: str
     residual: bool = False
     count: int = 1
+    net: str = "v2"
 
     @property
     def name(self) -> str:
-        return f"{self.kind} {self.cin}->{self.cout}@{self.h}x{self.w}" + \
+        return ("" if self.net == "v2" else f"{self.net} ") + \
+            f"{self.kind} {self.cin}->{self.cout}@{self.h}x{self.w}" + \
             (" +res" if self.residual else "")
 
     def shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
@@ -173,3 +177,33 @@ def mobilenet_v2_pw_layers(input_size: int = 224) -> list[PWLayer]:
         kind, residual = role[conv]
         seen[(kind, cin, conv.out_channels, h, w, acts[conv], residual)] += 1
     return [PWLayer(*key, count=n) for key, n in seen.items()]
+
+
+# MobileNetV1 (width 1.0, 224x224), Table 1 of the paper: after the stem (32 ch at 112x112)
+# 13 depthwise separable blocks (c_in, c_out, stride); the last depthwise conv keeps 7x7
+# (stride 1, as every implementation runs it; the table's "s2" there would give 4x4).
+MOBILENET_V1_BLOCKS = ((32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1),
+                       (256, 512, 2)) + ((512, 512, 1),) * 5 + ((512, 1024, 2), (1024, 1024, 1))
+
+
+def _v1_blocks(input_size: int = 224):
+    """(c_in, c_out, input side, stride) of each MobileNetV1 block."""
+    h = (input_size + 1) // 2  # the stem's 3x3 stride-2 conv
+    for cin, cout, s in MOBILENET_V1_BLOCKS:
+        yield cin, cout, h, s
+        h = (h + 2 - 3) // s + 1
+
+
+def mobilenet_v1_dw_layers(input_size: int = 224) -> list[DWLayer]:
+    """The distinct depthwise shapes of MobileNetV1 (width 1.0): 3x3, BN, ReLU6."""
+    seen: Counter = Counter((cin, h, s) for cin, _, h, s in _v1_blocks(input_size))
+    return [DWLayer(c, h, h, s, count=n, net="v1") for (c, h, s), n in seen.items()]
+
+
+def mobilenet_v1_pw_layers(input_size: int = 224) -> list[PWLayer]:
+    """The distinct pointwise shapes of MobileNetV1 (width 1.0): 1x1, BN, ReLU6, at the
+    depthwise conv's output size."""
+    seen: Counter = Counter((cin, cout, (h + 2 - 3) // s + 1)
+                            for cin, cout, h, s in _v1_blocks(input_size))
+    return [PWLayer("pointwise", cin, cout, h, h, "relu6", count=n, net="v1")
+            for (cin, cout, h), n in seen.items()]

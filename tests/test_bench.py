@@ -383,3 +383,32 @@ def test_batch_list_argument():
     for bad in ("0", "1,x", "-2"):
         with pytest.raises(SystemExit):
             cli.parse_args(["--batch", bad])
+
+
+def test_mobilenet_v1_tables_reproduce_the_paper():
+    from bench.shapes import mobilenet_v1_dw_layers, mobilenet_v1_pw_layers
+    dws, pws = mobilenet_v1_dw_layers(), mobilenet_v1_pw_layers()
+    assert sum(lay.count for lay in dws) == sum(lay.count for lay in pws) == 13
+    assert [(lay.c, lay.h, lay.stride, lay.count) for lay in dws] == [
+        (32, 112, 1, 1), (64, 112, 2, 1), (128, 56, 1, 1), (128, 56, 2, 1), (256, 28, 1, 1),
+        (256, 28, 2, 1), (512, 14, 1, 5), (512, 14, 2, 1), (1024, 7, 1, 1)]
+    assert pws[-1] == PWLayer("pointwise", 1024, 1024, 7, 7, "relu6", net="v1")
+    assert pws[6].count == 5 and pws[6].name == "v1 pointwise 512->512@14x14"
+    # Table 1 of the paper: 569M mult-adds with the stem (3x3x3x32 at 112x112) and the
+    # 1024 -> 1000 classifier; depthwise convs ~3% of them, 1x1 convs ~95%
+    dw_macs = sum(lay.count * lay.macs(1) for lay in dws)
+    pw_macs = sum(lay.count * lay.macs(1) for lay in pws)
+    total = dw_macs + pw_macs + 3 * 32 * 9 * 112 * 112 + 1024 * 1000
+    assert round(total / 1e6) == 569
+    assert 0.94 < pw_macs / total < 0.96 and 0.02 < dw_macs / total < 0.04
+    names = {lay.name for lay in dw.OP.layers()}
+    assert "v1 512@14x14 s1" in names and "576@14x14 s1" in names
+
+
+def test_totals_per_network():
+    rows = [_row("a", 2, "infer", "eager", 1.0), _row("a", 2, "infer", "ours", 0.5)]
+    v1 = [dict(r, layer="v1 b", net="v1", count=1) for r in rows]
+    report.finish(rows + v1)
+    tot = {(t["layer"], t["provider"]): t["stats"]["median"] for t in report.totals(rows + v1)}
+    assert tot == {("TOTAL", "eager"): 2.0, ("TOTAL", "ours"): 1.0,
+                   ("TOTAL v1", "eager"): 1.0, ("TOTAL v1", "ours"): 0.5}
