@@ -166,3 +166,36 @@ def measure(call: Callable[[int], None], device: torch.device, *, warmup: int,
         end.record()
     torch.cuda.synchronize(device)
     return Stats.of([start.elapsed_time(end) for start, end in events])
+
+
+MAX_GRAPHS = 64
+
+
+def graphed(step: Callable, buffers: Sequence[tuple]) -> tuple[Callable[[int], None] | None,
+                                                             str | None]:
+    """call(i) replaying one CUDA graph per buffer set (captured from step after a warm-up
+    on a side stream), so that a batch-1 call is timed without its launch overheads, as a
+    deployed batch-1 model runs it; or (None, why) when capture fails (a host sync, say).
+    At most MAX_GRAPHS buffer sets: a batch-1 layer's tensors then fit in L2 together, as
+    a batch-1 network's activations do."""
+    buffers = buffers[:MAX_GRAPHS]
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for args in buffers:
+                step(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        graphs = []
+        for args in buffers:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = step(*args)
+            graphs.append((g, out))  # out keeps the graph's output memory alive
+    except Exception as e:  # noqa: BLE001 - any capture failure means: time it ungraphed
+        torch.cuda.synchronize()
+        return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+    def call(i: int) -> None:
+        graphs[i % len(graphs)][0].replay()
+    return call, None

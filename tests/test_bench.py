@@ -412,3 +412,35 @@ def test_totals_per_network():
     tot = {(t["layer"], t["provider"]): t["stats"]["median"] for t in report.totals(rows + v1)}
     assert tot == {("TOTAL", "eager"): 2.0, ("TOTAL", "ours"): 1.0,
                    ("TOTAL v1", "eager"): 1.0, ("TOTAL v1", "ours"): 0.5}
+
+
+def test_readme_results_section_is_generated(tmp_path):
+    """README's results come from the newest committed JSON, never by hand."""
+    from bench import readme
+    assert readme.main(["--check"]) == 0
+    # a synthetic pair of runs: the GPU one wins over a newer CPU one
+    env = {"device_type": "cpu", "device": "Some CPU", "sm_count": None, "cpu_threads": 2,
+           "torch": "2.x", "git_commit": "abcdef123456", "date": "2026-11-29T00:00:00+00:00"}
+    tot = dict(op="dw", mode="infer", provider="ours", batch=8, net="v2",
+               stats={"median": 1.5}, speedup=1.25)
+    cpu = {"environment": env, "args": {"dtype": "fp32", "layout": "channels_last"},
+           "rows": [], "totals": [tot], "models": []}
+    gpu = {"environment": dict(env, device_type="cuda", device="H100", sm_count=132,
+                               date="2026-11-01T00:00:00+00:00"),
+           "args": {"dtype": "fp16", "layout": "channels_last"}, "rows": [],
+           "totals": [dict(tot, speedup=2.5)], "models": []}
+    for name, data in (("cpu.json", cpu), ("gpu.json", gpu)):
+        (tmp_path / name).write_text(json.dumps(data))
+    path, data = readme.newest(str(tmp_path))
+    assert path.endswith("gpu.json")
+    text = readme.render(path, data)
+    assert "H100 (132 SMs)" in text and "| 8 | v2 | dw | infer | ours | 1.500 | 2.50x |" in text
+    (tmp_path / "gpu.json").unlink()
+    text = readme.render(*readme.newest(str(tmp_path)))
+    assert "CPU numbers (no GPU run committed yet)" in text
+    doc = tmp_path / "README.md"
+    doc.write_text(f"a\n{readme.BEGIN}\nold\n{readme.END}\nb\n")
+    assert readme.main(["--readme", str(doc), "--results", str(tmp_path), "--check"]) == 1
+    assert readme.main(["--readme", str(doc), "--results", str(tmp_path)]) == 0
+    assert readme.main(["--readme", str(doc), "--results", str(tmp_path), "--check"]) == 0
+    assert doc.read_text().startswith("a\n") and doc.read_text().endswith(f"{readme.END}\nb\n")

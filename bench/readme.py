@@ -1,0 +1,110 @@
+"""Render README.md's results section from the newest JSON in bench/results/.
+
+    python -m bench.readme            # rewrite the section between the markers
+    python -m bench.readme --check    # exit 1 when README.md is not what this would write
+
+The section lies between `<!-- results:begin -->` and `<!-- results:end -->`; nothing in it
+is typed by hand. "Newest" is the latest environment.date over the committed JSON files
+(GPU runs first: a CPU run is shown only while no GPU run is committed).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+from .report import num
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def newest(results_dir: str = RESULTS) -> tuple[str, dict] | None:
+    runs = []
+    for path in glob.glob(os.path.join(results_dir, "*.json")):
+        with open(path) as f:
+            data = json.load(f)
+        env = data.get("environment", {})
+        runs.append((env.get("device_type") == "cuda", env.get("date", ""), path, data))
+    if not runs:
+        return None
+    _, _, path, data = max(runs, key=lambda r: r[:3])
+    return path, data
+
+
+def render(path: str, data: dict) -> str:
+    env, args = data["environment"], data["args"]
+    rel = os.path.relpath(path, ROOT)
+    where = env["device"] + (f" ({env['sm_count']} SMs)" if env.get("sm_count") else
+                             f" ({env.get('cpu_threads')} threads)")
+    lines = [f"From `{rel}`: {where}, torch {env['torch']}, {args['dtype']} {args['layout']}, "
+             f"commit {str(env.get('git_commit'))[:10]}, {env['date'][:10]}. "
+             "Time-weighted totals over the network's layers (count x median); speedup over "
+             "eager PyTorch (conv, BN, activation as torchvision runs them).", ""]
+    if env["device_type"] != "cuda":
+        lines += ["CPU numbers (no GPU run committed yet): our C++ kernels against eager CPU "
+                  "PyTorch (oneDNN). GPU numbers need `bench/gpu_check.sh` on a GPU.", ""]
+    totals = [t for t in data["totals"] if t["op"] != "all"]
+    if totals:
+        lines += ["| batch | net | op | mode | provider | ms | speedup |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for t in totals:
+            lines.append(f"| {t.get('batch', args.get('batch'))} | {t.get('net', 'v2')} | "
+                         f"{t['op']} | {t['mode']} | {t['provider']} | "
+                         f"{num(t['stats']['median'], 4)} | "
+                         f"{'-' if t['speedup'] is None else format(t['speedup'], '.2f') + 'x'} |")
+        lines.append("")
+    models = [m for m in data.get("models", []) if m["status"] == "ok"]
+    if models:
+        lines += ["| model | batch | mode | provider | ms | img/s | peak MB | speedup |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for m in models:
+            lines.append(f"| {m['layer']} | {m['batch']} | {m['mode']} | {m['provider']} | "
+                         f"{num(m['stats']['median'], 4)} | {num(m['images_per_s'], 4)} | "
+                         f"{num(m['peak_mb'], 4)} | "
+                         f"{'-' if m['speedup'] is None else format(m['speedup'], '.2f') + 'x'} |")
+        lines.append("")
+    skipped = sorted({(r["provider"], r["reason"]) for r in data["rows"] + data.get("models", [])
+                      if r["status"] == "skipped"})
+    if skipped:
+        lines += ["Not run: " + "; ".join(f"{p} ({why})" for p, why in skipped) + "."]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def updated(readme: str, section: str) -> str:
+    if BEGIN not in readme or END not in readme:
+        raise ValueError(f"README.md lacks the markers {BEGIN} ... {END}")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{section}{END}{tail}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="only check that README.md is current")
+    p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    p.add_argument("--results", default=RESULTS)
+    args = p.parse_args(argv)
+    found = newest(args.results)
+    section = render(*found) if found else "No results committed yet.\n"
+    with open(args.readme) as f:
+        text = f.read()
+    new = updated(text, section)
+    if args.check:
+        if new != text:
+            print(f"{args.readme}: results section is stale; run python -m bench.readme",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        with open(args.readme, "w") as f:
+            f.write(new)
+    print(f"{args.readme}: results from {found[0] if found else 'nothing'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
