@@ -149,6 +149,28 @@ def test_running_stats_match_batchnorm(device, momentum, channels_last):
         torch.testing.assert_close(rv, bn.running_var, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_can_be_modified_in_place(device, channels_last, training):
+    """The output is a fresh tensor, not a view of a GEMM temporary: an in-place op after
+    it (mobilenet_v3's Hardswish(inplace=True)) works and its gradient flows."""
+    x = torch.randn(2, 8, 5, 5, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(12, 8, 1, 1, device=device, requires_grad=True)
+    g, b = torch.ones(12, device=device), torch.zeros(12, device=device)
+    rm, rv = torch.zeros(12, device=device), torch.ones(12, device=device)
+    y = mobilenet_ext.pw_conv_bn_act(x, w, g, b, rm, rv, training=training, act="identity")
+    assert y._base is None
+    torch.nn.functional.hardswish(y, inplace=True).sum().backward()
+    want = torch.nn.functional.hardswish(
+        reference.pw_fwd(x.detach(), w.detach(), g, b, rm, rv, None, training, 1e-5,
+                         "identity")[0])
+    torch.testing.assert_close(y.detach(), want, atol=1e-4, rtol=1e-4)
+    assert x.grad is not None and x.grad.isfinite().all() and w.grad.abs().sum() > 0
+
+
 def test_public_matches_reference_backend(device):
     x, w, g, b, rm, rv, r = make_inputs((2, 17, 40, 9, 9), torch.float32, device,
                                         "channels_last", True)

@@ -45,7 +45,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cuda(
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(g.format());
   auto w2 = weight.reshape({g.Cout, g.Cin}).contiguous();
-  auto y = pw_conv_gemm(g, x, w2);  // the conv output, overwritten in place by y
+  // the conv output, written by the GEMM into y's own buffer (not a view of a
+  // temporary: autograd forbids in-place ops on such outputs) and overwritten in place
+  auto y = at::empty({g.N, g.Cout, g.H, g.W}, x.options().memory_format(g.format()));
+  pw_conv_gemm_out(g, x, w2, y);
   at::Tensor res;
   ConvLaunch p = make_launch(out_geom(g), x, w2, training, eps);
   if (residual.has_value()) {
