@@ -61,8 +61,11 @@ struct DwRows : OutRows {
 
 // One output row of the conv into out (accumulation type):
 // out[wo*Cr + c] = sum over taps of wt[tap*C + c0 + c] * x(h, wo*s - p + j*d, c).
-template <typename T, typename A>
-void conv_row(const DwRows& rw, const T* x, const A* wt, int64_t r, A* __restrict__ out) {
+// store(e, v, count, c) receives each finished vector: elements e.. of the row (count of
+// them: Full or an int), channels c.. of the row (channels_last; 0 for NCHW rows, whose
+// channel is rw.c0(r)).
+template <typename T, typename A, typename Store>
+void conv_row_to(const DwRows& rw, const T* x, const A* wt, int64_t r, Store&& store) {
   using V = typename Simd<A>::V;
   constexpr int VN = Simd<A>::N;
   const DwGeom& g = rw.g;
@@ -86,7 +89,7 @@ void conv_row(const DwRows& rw, const T* x, const A* wt, int64_t r, A* __restric
             for (int k = 0; k < NV; ++k) acc[k] += vload<A>(wp + k * VN, cnt) * vload<A>(xp + k * VN, cnt);
           }
         }
-        for (int k = 0; k < NV; ++k) vstore<A>(out + wo * C + c + k * VN, acc[k], cnt);
+        for (int k = 0; k < NV; ++k) store(wo * C + c + k * VN, acc[k], cnt, c + k * VN);
       });
     }
     return;
@@ -98,10 +101,10 @@ void conv_row(const DwRows& rw, const T* x, const A* wt, int64_t r, A* __restric
   auto edge = [&](int64_t wo) {
     int jl, jh;
     rw.taps_of(wo, &jl, &jh);
-    A acc = 0;
+    V acc = V{};
     for (int t = 0; t < nr; ++t)
-      for (int j = jl; j < jh; ++j) acc += wv[t * K + j] * static_cast<A>(rows[t][wo * s + rw.off(j)]);
-    out[wo] = acc;
+      for (int j = jl; j < jh; ++j) acc[0] += wv[t * K + j] * static_cast<A>(rows[t][wo * s + rw.off(j)]);
+    store(wo, acc, 1, int64_t(0));
   };
   for (int64_t wo = 0; wo < rw.in_lo; ++wo) edge(wo);
   vec_blocks<A>(rw.in_hi - rw.in_lo, [&](int64_t i, auto nv, auto cnt) {
@@ -115,9 +118,35 @@ void conv_row(const DwRows& rw, const T* x, const A* wt, int64_t r, A* __restric
         for (int k = 0; k < NV; ++k) acc[k] += w * vload_strided<A>(xp + k * VN * s, s, cnt);
       }
     }
-    for (int k = 0; k < NV; ++k) vstore<A>(out + wo + k * VN, acc[k], cnt);
+    for (int k = 0; k < NV; ++k) store(wo + k * VN, acc[k], cnt, int64_t(0));
   });
   for (int64_t wo = rw.in_hi; wo < g.Wo; ++wo) edge(wo);
+}
+
+// One output row of the conv into out (accumulation type).
+template <typename T, typename A>
+void conv_row(const DwRows& rw, const T* x, const A* wt, int64_t r, A* __restrict__ out) {
+  conv_row_to<T, A>(rw, x, wt, r, [&](int64_t e, auto v, auto cnt, int64_t) {
+    vstore<A>(out + e, v, cnt);
+  });
+}
+
+// Eval forward of one row with the epilogue applied to each conv vector as it is
+// finished: y = act(conv * scale + shift), no conv row in memory.
+template <typename T, typename A, typename Act>
+void conv_apply_row(const DwRows& rw, const T* x, const A* wt, int64_t r, Act act, const A* sc,
+                    const A* sh, T* __restrict__ yr) {
+  using V = typename Simd<A>::V;
+  if (rw.g.channels_last) {
+    conv_row_to<T, A>(rw, x, wt, r, [&](int64_t e, V v, auto cnt, int64_t c) {
+      vstore(yr + e, vact_fwd<A>(act, v * vload<A>(sc + c, cnt) + vload<A>(sh + c, cnt)), cnt);
+    });
+    return;
+  }
+  const A s = sc[rw.c0(r)], b = sh[rw.c0(r)];
+  conv_row_to<T, A>(rw, x, wt, r, [&](int64_t e, V v, auto cnt, int64_t) {
+    vstore(yr + e, vact_fwd<A>(act, v * s + b), cnt);
+  });
 }
 
 // dweight partials of one dc row: dwt[tap*C + c0 + c] += sum_wo dc(wo, c) * x(tap, wo, c).
@@ -217,8 +246,8 @@ void dx_row(const DwRows& rw, const A* dc, const A* wt, int64_t q, A* __restrict
 // Training computes the conv once into a y-sized buffer of the accumulation type
 // (its rows feed the statistics, then the normalisation, in place); that buffer is
 // y itself when y is in the accumulation type, since every fresh allocation of
-// that size costs its page faults on CPU. Eval computes each row into per-thread
-// scratch and applies the epilogue at once.
+// that size costs its page faults on CPU. Eval applies the epilogue to each conv
+// vector in registers (conv_apply_row).
 template <typename T>
 void dw_fwd_rows(const DwRows& rw, const at::Tensor& x, const at::Tensor& wt, bool training,
                  const at::Tensor& bn_weight, const at::Tensor& bn_bias, at::Tensor& mean,
@@ -242,13 +271,20 @@ void dw_fwd_rows(const DwRows& rw, const at::Tensor& x, const at::Tensor& wt, bo
   }
   at::Tensor scale, shift;
   std::tie(scale, shift) = fold_bn(bn_weight, bn_bias, mean, invstd);
-  auto conv = [&](int64_t r, A* scratch) -> const A* {
-    if (bp) return bp + r * rw.row_len;
-    conv_row<T, A>(rw, xp, wp, r, scratch);
-    return scratch;
-  };
-  apply_rows<T, A>(rw, conv, rw.g.act, scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
-                   static_cast<const T*>(nullptr), y.data_ptr<T>());
+  const A* sc = scale.const_data_ptr<A>();
+  const A* sh = shift.const_data_ptr<A>();
+  T* yp = y.data_ptr<T>();
+  if (bp) {
+    apply_rows<T, A>(rw, [&](int64_t r, A*) -> const A* { return bp + r * rw.row_len; },
+                     rw.g.act, sc, sh, static_cast<const T*>(nullptr), yp);
+    return;
+  }
+  with_act(rw.g.act, [&](auto act) {
+    at::parallel_for(0, rw.R, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        conv_apply_row<T, A>(rw, xp, wp, r, act, sc, sh, yp + r * rw.row_len);
+    });
+  });
 }
 
 // Backward: the conv output is recomputed once into a y-sized buffer of the

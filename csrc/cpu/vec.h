@@ -136,6 +136,27 @@ MBX_VINL void map_row(const A* in, T* out, int64_t n, F&& f) {
   for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(f(a[i], i));
 }
 
+// act_fwd (common.h) on a vector: relu6 / relu / identity as selects (NaN passes
+// through as in the scalar form), the others lane by lane.
+template <typename A, int act>
+MBX_VINL typename Simd<A>::V vact_fwd(std::integral_constant<int, act>, typename Simd<A>::V z) {
+  using V = typename Simd<A>::V;
+  const V zero = V{};
+  if constexpr (act == kReLU6) {
+    const V six = zero + A(6);
+    const V r = z < zero ? zero : z;
+    return r > six ? six : r;
+  } else if constexpr (act == kReLU) {
+    return z < zero ? zero : z;
+  } else if constexpr (act == kIdentity) {
+    return z;
+  } else {
+    V r = V{};
+    for (int l = 0; l < Simd<A>::N; ++l) r[l] = act_fwd<A>(act, z[l]);
+    return r;
+  }
+}
+
 // act_bwd (common.h) on a vector: the gradient at z given dy. relu6 / relu /
 // identity are selects (GCC keeps the scalar form's compares as branches in the
 // reduction loops); the others go lane by lane through the scalar definition.
