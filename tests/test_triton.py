@@ -162,3 +162,19 @@ def test_triton_agrees_with_cuda(fam, case):
     yt = getattr(op, f"{fam}_fwd_triton")(x, w, g, b, *extra, *args)[0]
     yc = getattr(op, f"{fam}_fwd")(x, w, g, b, *extra, *args)[0]
     torch.testing.assert_close(yt, yc, atol=1e-2, rtol=1e-2)
+
+
+def test_gemm_autotuned_only_on_a_gpu():
+    """One config under the interpreter; on a GPU an autotuner over warps and stages keyed on
+    the problem (tile sizes stay derived from it)."""
+    code = ("import mobilenet_ext.triton.pw as pw, triton; k = pw.gemm_kernel_tuned; "
+            "print(type(k).__name__, len(getattr(k, 'configs', [])), getattr(k, 'keys', None))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[:2] == ["Autotuner", "6"], out.stdout
+    assert "'Cin'" in out.stdout and "'MODE'" in out.stdout
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, TRITON_INTERPRET="1"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[1] == "0", out.stdout  # no autotuner

@@ -72,6 +72,15 @@ def _dot_kind(dtype):
     return 0
 
 
+# On a GPU the GEMM is autotuned over warps and pipeline stages (the tile sizes come from
+# the problem: the statistics buffers are sized by BLOCK_M); every mode writes its outputs
+# without accumulating, so the tuner's repeated launches leave the same result. Under the
+# interpreter: the plain kernel, one config.
+gemm_kernel_tuned = gemm_kernel if E.INTERPRET else triton.autotune(
+    configs=[triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3, 4)],
+    key=["P", "Cin", "Cout", "MODE", "HAS_RES"])(gemm_kernel)
+
+
 def _gemm(x, w2, out, mode, scale=None, shift=None, res=None, part=None, act="identity"):
     n, cin, h, wd = x.shape
     cout = w2.shape[0]
@@ -82,7 +91,7 @@ def _gemm(x, w2, out, mode, scale=None, shift=None, res=None, part=None, act="id
     bk = 16 if E.INTERPRET else min(32, max(16, triton.next_power_of_2(cin)))
     grid = (triton.cdiv(P, bm), triton.cdiv(cout, bn))
     dummy = out
-    gemm_kernel[grid](x, w2, scale if scale is not None else dummy,
+    gemm_kernel_tuned[grid](x, w2, scale if scale is not None else dummy,
                       shift if shift is not None else dummy, res if res is not None else dummy,
                       out, part if part is not None else dummy, P, cin, cout, h, wd,
                       *E.strides(x), *E.strides(out), MODE=mode, ACT=ACTIVATIONS.index(act),
