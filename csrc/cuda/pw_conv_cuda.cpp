@@ -8,15 +8,23 @@
 // Backward recomputes the conv output with one more GEMM instead of saving it:
 // the op saves x, weight and two per-channel vectors only (eager keeps the conv
 // and BN outputs), for a third more backward GEMM flops.
+//
+// Eval forward in fp16/bf16 channels_last takes one fused kernel instead
+// (pw_fused.cu: GEMM on tensor cores with the epilogue applied in registers/shared
+// memory, reading x once and writing y once); MOBILENET_EXT_PW_FUSED=0 turns it off.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../host.h"
 #include "launch.h"
 #include "launch_host.h"
+#include "pw_fused.h"
 
 namespace mbx {
 namespace {
@@ -35,6 +43,50 @@ DwGeom out_geom(const PwGeom& g) {
   return o;
 }
 
+// The single-kernel eval path (pw_fused.cu): fp16/bf16 channels_last, on by
+// default, off with MOBILENET_EXT_PW_FUSED=0 (read on every call).
+bool use_pw_fused(const PwGeom& g, const at::Tensor& x, bool training) {
+  if (training || !g.channels_last) return false;
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
+  const char* env = std::getenv("MOBILENET_EXT_PW_FUSED");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  constexpr int64_t kIntMax = (int64_t(1) << 31) - 1;  // channels are int in the kernel
+  if (g.Cin > kIntMax || g.Cout > kIntMax) return false;
+  return pw_fused_supported();  // the current device is x's (CUDAGuard)
+}
+
+// Eval forward in one kernel: y = act(conv(x) * scale + shift) + residual with
+// (mean, invstd) = eval_stats(running stats), returned like forward_epilogue's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_fused(
+    const PwGeom& g, const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
+    const c10::optional<at::Tensor>& residual, double eps) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  auto x = x_.contiguous(cl);
+  auto w2 = weight.reshape({g.Cout, g.Cin}).contiguous();
+  at::Tensor mean, invstd, scale, shift;
+  std::tie(mean, invstd) = eval_stats(running_mean, running_var, eps, at::kFloat);
+  std::tie(scale, shift) = fold_bn(bn_weight, bn_bias, mean, invstd);
+  auto y = at::empty({g.N, g.Cout, g.H, g.W}, x.options().memory_format(cl));
+  if (y.numel() == 0) return {y, mean, invstd};  // P == 0 or Cout == 0: no launch
+  at::Tensor res;
+  if (residual.has_value()) res = residual->contiguous(cl);
+  PwFusedArgs a{};
+  a.x = x.const_data_ptr();
+  a.w = w2.const_data_ptr();
+  a.scale = scale.const_data_ptr<float>();
+  a.shift = shift.const_data_ptr<float>();
+  a.residual = res.defined() ? res.const_data_ptr() : nullptr;
+  a.y = y.data_ptr();
+  a.P = g.N * g.H * g.W;
+  a.Cin = static_cast<int>(g.Cin);  // Cin == 0: no K steps, y = act(shift) + residual
+  a.Cout = static_cast<int>(g.Cout);
+  a.act = g.act;
+  pw_fused_launch(a, x.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, mean, invstd};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cuda(
     const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
@@ -43,6 +95,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cuda(
   PwGeom g = pw_check(x_, weight, bn_weight, bn_bias, running_mean, running_var, residual,
                       training, act);
   c10::cuda::CUDAGuard guard(x_.device());
+  if (use_pw_fused(g, x_, training)) {
+    return pw_fwd_fused(g, x_, weight, bn_weight, bn_bias, *running_mean, *running_var, residual,
+                        eps);
+  }
   auto x = x_.contiguous(g.format());
   auto w2 = weight.reshape({g.Cout, g.Cin}).contiguous();
   // the conv output, written by the GEMM into y's own buffer (not a view of a
