@@ -444,3 +444,18 @@ def test_readme_results_section_is_generated(tmp_path):
     assert readme.main(["--readme", str(doc), "--results", str(tmp_path)]) == 0
     assert readme.main(["--readme", str(doc), "--results", str(tmp_path), "--check"]) == 0
     assert doc.read_text().startswith("a\n") and doc.read_text().endswith(f"{readme.END}\nb\n")
+
+
+def test_plot_writes_png_or_says_why(tmp_path):
+    rows = [dict(_row("a", 1, "infer", p, ms), batch=8, speedup=s, pct_copy=c)
+            for p, ms, s, c in (("eager", 1.0, 1.0, 40.0), ("ours", 0.5, 2.0, 80.0))]
+    models = [{"layer": "mobilenet_v2 224px", "mode": "infer", "batch": 8, "provider": "ours",
+               "speedup": 1.5}]
+    out = tmp_path / "bench.png"
+    msg = report.plot(str(out), rows, models)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in msg and not out.exists()
+    else:
+        assert msg == f"wrote {out}" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
