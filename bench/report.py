@@ -190,6 +190,8 @@ def plot(path: str, rows: list[dict], model_rows: list[dict]) -> str:
     panels = groups + ([("model", None, None)] if model_rows else [])
     if not panels:
         return f"--plot {path}: nothing to plot"
+    every = list(dict.fromkeys(r["provider"] for r in rows + model_rows))
+    color = {p: f"C{i % 10}" for i, p in enumerate(every)}  # one colour per provider
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.2 * len(panels)), squeeze=False)
     for ax, (op, mode, batch) in zip(axes[:, 0], panels):
         sel = [r for r in (model_rows if op == "model" else rows)
@@ -210,7 +212,7 @@ def plot(path: str, rows: list[dict], model_rows: list[dict]) -> str:
                         xs.append(j + i * width)
                         ys.append(r["speedup"])
                         pct.append(r.get("pct_copy"))
-            ax.bar(xs, ys, width, label=p)
+            ax.bar(xs, ys, width, label=p, color=color[p])
             if any(v is not None for v in pct):
                 ax2 = ax.twinx() if not hasattr(ax, "_pct") else ax._pct
                 ax._pct = ax2
