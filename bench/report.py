@@ -163,8 +163,22 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env.update(device=p.name, sm_count=p.multi_processor_count, l2_bytes=p.L2_cache_size,
-                   capability=f"{p.major}.{p.minor}", memory_bytes=p.total_memory)
+                   capability=f"{p.major}.{p.minor}", memory_bytes=p.total_memory,
+                   clocks_mhz=_clocks(device.index or 0))
     return env
+
+
+def _clocks(index: int) -> dict | None:
+    """Current and max SM / memory clocks from nvidia-smi, when it is there."""
+    fields = ("clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem")
+    try:
+        res = subprocess.run(["nvidia-smi", f"--id={index}", "--format=csv,noheader,nounits",
+                              "--query-gpu=" + ",".join(fields)],
+                             capture_output=True, text=True, timeout=10)
+        values = [float(v) for v in res.stdout.strip().split(",")]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return dict(zip(fields, values)) if len(values) == len(fields) else None
 
 
 def write_json(path: str, env: dict, args: dict, rows: list[dict], total_rows: list[dict],
