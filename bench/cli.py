@@ -41,10 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "PyTorch ('eager': Conv2d, BatchNorm2d, ReLU6, + residual as torchvision "
                     "runs them) on every MobileNetV2 depthwise and pointwise layer. Outputs "
                     "are checked before timing.")
-    p.add_argument("--op", choices=[*OPS, "model", "all"], default="all",
+    p.add_argument("--op", choices=[*OPS, "block", "model", "all"], default="all",
                    help="dw: depthwise 3x3 layers; pw: 1x1 layers (expansion, projection with "
-                        "or without residual, last conv); model: torchvision mobilenet_v2 "
-                        "whole (eager, converted, compiled); all: every one (default)")
+                        "or without residual, last conv); block: each distinct MobileNetV2 "
+                        "InvertedResidual block; model: torchvision mobilenet_v2 whole "
+                        "(eager, converted, compiled); all: every one (default)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default fp16 on GPU, fp32 on CPU")
     p.add_argument("--batch", help="batch size, or a comma-separated list (e.g. 1,32,128); "
                                    "default 128 on GPU, 8 on CPU")
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     cfg = resolve(args)
     if cfg.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # eager at its best, as in training scripts
-    names = list(OPS) + ["model"] if args.op == "all" else [args.op]
+    names = list(OPS) + ["block", "model"] if args.op == "all" else [args.op]
     ops = [OPS[n] for n in names if n in OPS]
     layers = {op.name: [lay for lay in op.layers() if not args.quick or op.quick(lay)]
               for op in ops}
@@ -238,15 +239,19 @@ def main(argv=None) -> int:
     if cfg.device.type == "cpu":
         print("no CUDA device: CPU comparison only (ours = mobilenet_ext cpu backend); "
               "GPU numbers need a GPU", file=sys.stderr)
-    print(f"bench {' + '.join(f'{len(lays)} {name}' for name, lays in layers.items())} layers "
-          f"{'+ the whole model ' if 'model' in names else ''}x {len(modes)} modes, "
+    what = [f"{len(lays)} {name} layers" for name, lays in layers.items()] + \
+        [f"the {w}s" if w == "block" else "the whole model" for w in ("block", "model")
+         if w in names]
+    print(f"bench {' + '.join(what)} x {len(modes)} modes, "
           f"{args.dtype}, {args.layout}, batch {','.join(map(str, args.batches))}, "
           f"{cfg.repeats} repeats on {cfg.device.type}", file=sys.stderr)
 
     n_model = len(model.ORDER) if args.providers is None else \
         len([n for n in model.ORDER if n in args.providers])
+    n_blocks = (1 if args.quick else len(model.blocks())) if "block" in names else 0
     show = _progress((sum(len(layers[op.name]) * len(chosen[op.name]) for op in ops)
-                      + n_model * ("model" in names)) * len(modes) * len(args.batches))
+                      + n_model * (("model" in names) + n_blocks)) * len(modes)
+                     * len(args.batches))
     rows, total_rows, model_rows = [], [], []
     for batch in args.batches:
         cfg = dataclasses.replace(cfg, batch=batch)
@@ -266,11 +271,14 @@ def main(argv=None) -> int:
             t["batch"] = batch
         rows += batch_rows
         total_rows += batch_totals
-        if "model" in names:
-            model_rows += model.run(cfg.device, cfg.dtype, cfg.fmt, batch, modes,
-                                    args.providers, cfg.backend, cfg.warmup,
-                                    max(2, cfg.repeats // 4) if args.quick else cfg.repeats,
-                                    progress=show, quick=args.quick)
+        for what in ("block", "model"):
+            if what not in names:
+                continue
+            got = model.run(cfg.device, cfg.dtype, cfg.fmt, batch, modes, args.providers,
+                            cfg.backend, cfg.warmup,
+                            max(2, cfg.repeats // 4) if args.quick else cfg.repeats,
+                            progress=show, quick=args.quick, what=what)
+            model_rows += got + (model.totals(got) if what == "block" else [])
 
     env = report.environment(cfg.device)
     timing = "device time (CUDA events), L2 rotated" if cfg.device.type == "cuda" else "wall time"
@@ -282,7 +290,8 @@ def main(argv=None) -> int:
             print(report.render(br, [t for t in total_rows if t["batch"] == batch],
                                 show_copy=cfg.device.type == "cuda"))
     if model_rows:
-        print(f"\n{env['device']} | whole model, {args.dtype} {args.layout} | {timing}")
+        print(f"\n{env['device']} | blocks and whole model, {args.dtype} {args.layout} | "
+              f"{timing}")
         print(model.render(model_rows))
     everything = rows + model_rows
     for name, why in dict.fromkeys((r["provider"], r["reason"]) for r in everything

@@ -1,4 +1,5 @@
-"""Whole-model rows: torchvision mobilenet_v2 (width 1.0, 224x224) as eager PyTorch runs it,
+"""Whole-model and block rows: torchvision mobilenet_v2 (width 1.0, 224x224), or each of its
+distinct InvertedResidual blocks (--op block), as eager PyTorch runs it,
 converted to mobilenet_ext (cuda / cpu backend as "ours", and "triton"), compiled with
 torch.compile, and converted + compiled. Inference: images/s; training: one step
 (forward, a loss, backward to every parameter; no optimizer update) in ms; peak memory of
@@ -76,60 +77,128 @@ def _step(module, mode: str, ctx):
     return step
 
 
+def blocks(input_size: int = IMAGE) -> list[tuple[str, torch.nn.Module, tuple, int]]:
+    """The distinct InvertedResidual blocks of build_eager()'s features, in network order:
+    (label, block, input shape without batch, count)."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    model = build_eager()
+    h = (input_size + 1) // 2  # the stem's stride 2
+    seen: dict[tuple, list] = {}
+    for m in model.features:
+        if not isinstance(m, InvertedResidual):
+            continue
+        convs = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+        cin, cout = convs[0].in_channels, convs[-1].out_channels
+        hidden = convs[-1].in_channels
+        key = (cin, cout, m.stride, hidden // cin, h)
+        if key in seen:
+            seen[key][3] += 1
+        else:
+            label = f"block {cin}->{cout} t{hidden // cin} s{m.stride}@{h}x{h}" + \
+                (" +res" if m.use_res_connect else "")
+            seen[key] = [label, m, (cin, h, h), 1]
+        h = (h + 2 - 3) // m.stride + 1
+    return [tuple(v) for v in seen.values()]
+
+
+def subjects(what: str) -> list[tuple[str, torch.nn.Module, tuple, int]]:
+    if what == "model":
+        return [(f"mobilenet_v2 {IMAGE}px", build_eager(), (3, IMAGE, IMAGE), 1)]
+    return blocks()
+
+
 def run(device: torch.device, dtype: torch.dtype, fmt: torch.memory_format, batch: int,
         modes, requested, backend: str, warmup: int, repeats: int, progress=None,
-        quick: bool = False) -> list[dict]:
+        quick: bool = False, what: str = "model") -> list[dict]:
     """Check, then time, each provider (requested, or the device's default set; with quick
-    the compiled ones only when requested) in each mode. Rows as in the module docstring."""
-    names = [n for n in ORDER if requested is None or n in requested]
-    default = DEFAULT[device.type]
-    eager32 = build_eager()
-    gen = torch.Generator().manual_seed(1)
-    x0 = torch.randn(batch, 3, IMAGE, IMAGE, generator=gen)
+    the compiled ones only when requested) in each mode, on the whole model (what="model")
+    or on each distinct MobileNetV2 block (what="block"; --quick: the first block with a
+    residual). Rows as in the module docstring."""
     rows = []
-    for mode in modes:
-        ref_dtype = core.REF_DTYPE[dtype]
-        truth = copy.deepcopy(eager32).to(device, ref_dtype, memory_format=fmt)
-        truth.train(mode == "train")
-        with core.for_reference(), torch.no_grad():
-            ref = truth(x0.to(device, ref_dtype).contiguous(memory_format=fmt))
-        del truth
-        eager = copy.deepcopy(eager32).to(device, dtype, memory_format=fmt).train(mode == "train")
-        xs = [x0.to(device, dtype).contiguous(memory_format=fmt) for _ in range(2)]
-        base_y = None
-        for name in names:
-            row = {"op": "model", "model": "mobilenet_v2", "layer": f"mobilenet_v2 {IMAGE}px",
-                   "mode": mode, "provider": name, "batch": batch,
-                   "dtype": str(dtype).removeprefix("torch."),
-                   "layout": "channels_last" if fmt == torch.channels_last else "nchw",
-                   "status": "ok", "reason": None, "stats": None, "error": None,
-                   "images_per_s": None, "peak_mb": None}
-            rows.append(row)
-            if requested is None and quick and "compile" in name:
-                row.update(status="skipped", reason="--quick: compiling the whole model takes "
-                           "minutes: --providers " + name)
-            elif requested is None and name not in default:
-                row.update(status="skipped", reason="not in the CPU default set: --providers "
-                           + name if name != "triton" else NOT_DEFAULT["triton"])
-            else:
-                try:
-                    _check_and_time(row, name, eager, xs, ref, mode, device, backend, warmup,
-                                    repeats, base_y)
-                    if name == "eager" and row["status"] == "ok":
-                        base_y = row.pop("_y")
-                    row.pop("_y", None)
-                except Exception as e:  # one broken provider must not stop the rest
-                    row.update(status="error", reason=f"{type(e).__name__}: "
-                               + (str(e).strip().splitlines() or [""])[0])
-            if progress:
-                progress(row)
-        del eager, xs
-    base = {(r["mode"], r["batch"]): r["stats"]["median"] for r in rows
+    todo = subjects(what)
+    if quick and what == "block":
+        todo = [next(sub for sub in todo if sub[0].endswith("+res"))]
+    for label, eager32, shape, count in todo:
+        gen = torch.Generator().manual_seed(1)
+        x0 = torch.randn(batch, *shape, generator=gen)
+        for mode in modes:
+            rows += _run_one(what, label, count, eager32, x0, device, dtype, fmt, batch, mode,
+                             requested, backend, warmup, repeats, progress, quick)
+    base = {(r["layer"], r["mode"], r["batch"]): r["stats"]["median"] for r in rows
             if r["provider"] == "eager" and r["stats"]}
     for r in rows:
-        b = base.get((r["mode"], r["batch"]))
+        b = base.get((r["layer"], r["mode"], r["batch"]))
         r["speedup"] = b / r["stats"]["median"] if b and r["stats"] else None
     return rows
+
+
+def _run_one(what, label, count, eager32, x0, device, dtype, fmt, batch, mode, requested,
+             backend, warmup, repeats, progress, quick) -> list[dict]:
+    names = [n for n in ORDER if requested is None or n in requested]
+    default = DEFAULT[device.type]
+    rows = []
+    ref_dtype = core.REF_DTYPE[dtype]
+    truth = copy.deepcopy(eager32).to(device, ref_dtype, memory_format=fmt)
+    truth.train(mode == "train")
+    with core.for_reference(), torch.no_grad():
+        ref = truth(x0.to(device, ref_dtype).contiguous(memory_format=fmt))
+    del truth
+    eager = copy.deepcopy(eager32).to(device, dtype, memory_format=fmt).train(mode == "train")
+    xs = [x0.to(device, dtype).contiguous(memory_format=fmt) for _ in range(2)]
+    base_y = None
+    for name in names:
+        row = {"op": what, "model": "mobilenet_v2", "layer": label, "count": count,
+               "mode": mode, "provider": name, "batch": batch,
+               "dtype": str(dtype).removeprefix("torch."),
+               "layout": "channels_last" if fmt == torch.channels_last else "nchw",
+               "status": "ok", "reason": None, "stats": None, "error": None,
+               "images_per_s": None, "peak_mb": None}
+        rows.append(row)
+        if requested is None and quick and "compile" in name:
+            row.update(status="skipped", reason=f"--quick: compiling every {what} takes "
+                       "minutes: --providers " + name)
+        elif requested is None and name not in default:
+            row.update(status="skipped", reason="not in the CPU default set: --providers "
+                       + name if name != "triton" else NOT_DEFAULT["triton"])
+        else:
+            try:
+                _check_and_time(row, name, eager, xs, ref, mode, device, backend, warmup,
+                                repeats, base_y)
+                if name == "eager" and row["status"] == "ok":
+                    base_y = row.pop("_y")
+                row.pop("_y", None)
+            except Exception as e:  # one broken provider must not stop the rest
+                row.update(status="error", reason=f"{type(e).__name__}: "
+                           + (str(e).strip().splitlines() or [""])[0])
+        if progress:
+            progress(row)
+    return rows
+
+
+def totals(rows: list[dict]) -> list[dict]:
+    """Per batch, mode and provider: the blocks' time in the network (count x median) over
+    the blocks where every provider that ran is ok."""
+    out = []
+    for key in dict.fromkeys((r["batch"], r["mode"]) for r in rows if r["op"] == "block"):
+        sel = [r for r in rows if r["op"] == "block" and (r["batch"], r["mode"]) == key]
+        labels = list(dict.fromkeys(r["layer"] for r in sel))
+        ok = [lab for lab in labels if all(r["status"] in ("ok", "skipped") for r in sel
+                                           if r["layer"] == lab)]
+        for prov in dict.fromkeys(r["provider"] for r in sel):
+            mine = [r for r in sel if r["provider"] == prov and r["layer"] in ok]
+            if not mine or any(r["status"] != "ok" for r in mine):
+                continue
+            ms = sum(r["count"] * r["stats"]["median"] for r in mine)
+            out.append({"op": "block", "layer": "TOTAL" if len(ok) == len(labels)
+                        else f"TOTAL {len(ok)}/{len(labels)}", "count": sum(r["count"] for r in mine),
+                        "mode": key[1], "provider": prov, "batch": key[0], "status": "ok",
+                        "reason": None, "stats": {"median": ms}, "peak_mb": None,
+                        "images_per_s": key[0] / ms * 1e3, "error": None})
+    base = {(t["batch"], t["mode"]): t["stats"]["median"] for t in out if t["provider"] == "eager"}
+    for t in out:
+        b = base.get((t["batch"], t["mode"]))
+        t["speedup"] = b / t["stats"]["median"] if b else None
+    return out
 
 
 def _check_and_time(row, name, eager, xs, ref, mode, device, backend, warmup, repeats,
@@ -164,17 +233,19 @@ def _check_and_time(row, name, eager, xs, ref, mode, device, backend, warmup, re
 
 
 def render(rows: list[dict]) -> str:
-    head = ["model", "batch", "mode", "provider", "ms", "img/s", "peak MB", "speedup", "status"]
+    head = ["model / block", "n", "batch", "mode", "provider", "ms", "img/s", "peak MB",
+            "speedup", "status"]
     body = []
     from .report import num
     for r in rows:
         ms = r["stats"]["median"] if r["stats"] else None
-        body.append([r["layer"], str(r["batch"]), r["mode"], r["provider"], num(ms, 4),
+        body.append([r["layer"], str(r.get("count", 1)), str(r["batch"]), r["mode"],
+                     r["provider"], num(ms, 4),
                      num(r["images_per_s"], 4), num(r["peak_mb"], 4),
                      "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
                      "" if r["status"] == "ok" else r["status"]])
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
-    left = {0, 2, 3, len(head) - 1}
+    left = {0, 3, 4, len(head) - 1}
 
     def line(cells):
         return "  ".join(c.ljust(w) if i in left else c.rjust(w)

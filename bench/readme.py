@@ -57,12 +57,14 @@ def render(path: str, data: dict) -> str:
                          f"{num(t['stats']['median'], 4)} | "
                          f"{'-' if t['speedup'] is None else format(t['speedup'], '.2f') + 'x'} |")
         lines.append("")
-    models = [m for m in data.get("models", []) if m["status"] == "ok"]
+    models = [m for m in data.get("models", []) if m["status"] == "ok" and
+              (m.get("op", "model") == "model" or m["layer"].startswith("TOTAL"))]
     if models:
         lines += ["| model | batch | mode | provider | ms | img/s | peak MB | speedup |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for m in models:
-            lines.append(f"| {m['layer']} | {m['batch']} | {m['mode']} | {m['provider']} | "
+            what = m["layer"] if m.get("op", "model") == "model" else f"blocks {m['layer']}"
+            lines.append(f"| {what} | {m['batch']} | {m['mode']} | {m['provider']} | "
                          f"{num(m['stats']['median'], 4)} | {num(m['images_per_s'], 4)} | "
                          f"{num(m['peak_mb'], 4)} | "
                          f"{'-' if m['speedup'] is None else format(m['speedup'], '.2f') + 'x'} |")

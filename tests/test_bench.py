@@ -290,13 +290,18 @@ def test_cli_cpu_quick_json(tmp_path):
     assert "TOTAL" in res.stdout and "GPU numbers need a GPU" in res.stdout
     # 1 dw layer x 7 providers + 1 pw layer x 6 (no native) x 2 modes; on a CPU triton,
     # compile and compile-max are listed as skipped with the reason, folded skips training
-    # + the whole model: 5 providers x 2 modes (eager, ours run; the others skipped)
-    assert "[36/36]" in res.stderr
+    # + one block and the whole model: 5 providers x 2 modes each (eager, ours run; the
+    # others skipped)
+    assert "[46/46]" in res.stderr
     assert "skipped triton: on a CPU Triton only interprets" in res.stdout
 
     data = json.loads(out.read_text())
     assert set(data) == {"schema", "environment", "args", "rows", "totals", "models"}
-    models = {(r["provider"], r["mode"]): r for r in data["models"]}
+    blocks = [r for r in data["models"] if r["op"] == "block"]
+    assert {r["layer"] for r in blocks} == {"block 24->24 t6 s1@56x56 +res", "TOTAL"}
+    totals = {(r["provider"], r["mode"]): r for r in blocks if r["layer"] == "TOTAL"}
+    assert set(totals) == {(p, m) for p in ("eager", "ours") for m in ("infer", "train")}
+    models = {(r["provider"], r["mode"]): r for r in data["models"] if r["op"] == "model"}
     assert set(models) == {(p, m) for p in bench_model.ORDER for m in ("infer", "train")}
     for (name, mode), r in models.items():
         assert r["status"] == ("ok" if name in ("eager", "ours") else "skipped"), r
@@ -459,3 +464,12 @@ def test_plot_writes_png_or_says_why(tmp_path):
         assert "matplotlib is not installed" in msg and not out.exists()
     else:
         assert msg == f"wrote {out}" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_block_table_matches_mobilenet_v2():
+    blocks = bench_model.blocks()
+    assert sum(count for *_, count in blocks) == 17
+    labels = [label for label, *_ in blocks]
+    assert labels[0] == "block 32->16 t1 s1@112x112"
+    assert "block 24->24 t6 s1@56x56 +res" in labels and "block 160->320 t6 s1@7x7" in labels
+    assert [shape for _, _, shape, _ in blocks][:2] == [(32, 112, 112), (16, 112, 112)]
