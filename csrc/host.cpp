@@ -204,14 +204,15 @@ static at::Tensor from_cl_matrix(const at::Tensor& m, int64_t N, int64_t H, int6
 
 at::Tensor pw_conv_gemm(const PwGeom& g, const at::Tensor& x, const at::Tensor& w2,
                         c10::optional<at::ScalarType> out_dtype) {
-  const bool same = !out_dtype.has_value() || *out_dtype == x.scalar_type();
-  if (g.channels_last) {
-    auto a = cl_matrix(x), b = w2.t();
-    return from_cl_matrix(same ? at::mm(a, b) : at::mm(a, b, *out_dtype), g.N, g.H, g.W);
+  if (!out_dtype.has_value() || *out_dtype == x.scalar_type()) {
+    auto out = at::empty({g.N, g.Cout, g.H, g.W}, x.options().memory_format(g.format()));
+    pw_conv_gemm_out(g, x, w2, out);
+    return out;
   }
-  auto a = w2.unsqueeze(0).expand({g.N, g.Cout, g.Cin});
-  auto b = x.reshape({g.N, g.Cin, g.H * g.W});
-  auto conv = same ? at::bmm(a, b) : at::bmm(a, b, *out_dtype);
+  if (g.channels_last)
+    return from_cl_matrix(at::mm(cl_matrix(x), w2.t(), *out_dtype), g.N, g.H, g.W);
+  auto conv = at::bmm(w2.unsqueeze(0).expand({g.N, g.Cout, g.Cin}),
+                      x.reshape({g.N, g.Cin, g.H * g.W}), *out_dtype);
   return conv.view({g.N, g.Cout, g.H, g.W});
 }
 
