@@ -10,7 +10,9 @@
 # gpu_check.log
 # (everything). A failing step is recorded and the next one still runs; the last line is a
 # one-line summary and the exit status is 0 only when every step passed.
-# Environment: PYTHON (default python), GPU_CHECK_BUDGET_S (default 470).
+# Environment: PYTHON (default python), GPU_CHECK_BUDGET_S (default 470),
+# GPU_CHECK_SKIP_BUILD=1 (use the extension already built in the tree when it loads
+# with CUDA kernels: for a tree built beforehand for this GPU and torch).
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -66,8 +68,14 @@ ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | he
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'cudnn', torch.backends.cudnn.version(), 'gpu', torch.cuda.is_available())" || true
 
-step build 200 230 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="$ARCH" MOBILENET_EXT_CUDA=1 \
-  "$PY" -m pip install -v --no-build-isolation --no-deps -e .
+if [[ ${GPU_CHECK_SKIP_BUILD:-0} == 1 ]] && "$PY" -c "import mobilenet_ext, sys; \
+sys.exit(0 if mobilenet_ext.compiled_with_cuda() else 1)"; then
+  echo "=== build: skipped (GPU_CHECK_SKIP_BUILD=1 and the extension in place has CUDA kernels)"
+  SUMMARY+=("build=prebuilt")
+else
+  step build 200 230 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="$ARCH" MOBILENET_EXT_CUDA=1 \
+    "$PY" -m pip install -v --no-build-isolation --no-deps -e .
+fi
 
 step tests 150 170 env MOBILENET_EXT_EXPECT_CUDA=1 "$PY" -m pytest -q -m "gpu or not gpu" tests/
 

@@ -113,30 +113,67 @@ __global__ void __launch_bounds__(kMaxThreads) dx_kernel(const ConvLaunch p, int
 }  // namespace
 
 int num_chunks(const ConvLaunch& p) {
+  if (p.K == 1) return pw_num_chunks(p);
+  if (dw_vec_geometry(p)) return dw_vec_chunks(p);
   return chunks_for(p.channels_last, p.C, int64_t(p.N) * p.Ho * p.Wo);
 }
 
+// Each stage takes the vector path (dw_vec.cu) where it applies, else the scalar
+// kernels; both read and write the same workspaces, so they mix freely.
+#define MBX_TRY_VEC(STAGE_)                                          \
+  do {                                                               \
+    const cudaError_t vec_ = dw_vec_launch(STAGE_, p, stream);       \
+    if (vec_ != cudaErrorNotSupported) {                             \
+      if (vec_ != cudaSuccess) return vec_;                          \
+      vec_done_ = true;                                              \
+    }                                                                \
+  } while (0)
+
 cudaError_t dw_stats_launch(const ConvLaunch& p, cudaStream_t stream) {
+  bool vec_done_ = false;
+  MBX_TRY_VEC(kVecStats);
+  if (vec_done_) return cudaSuccess;
   MBX_DISPATCH_K(p.K, return launch_stats<DwSrc<KS>::type>(p, stream));
   return cudaSuccess;
 }
 
 cudaError_t dw_apply_launch(const ConvLaunch& p, cudaStream_t stream) {
+  bool vec_done_ = false;
+  MBX_TRY_VEC(kVecApply);
+  if (vec_done_) return cudaSuccess;
   MBX_DISPATCH_K(p.K, return launch_apply<DwSrc<KS>::type>(p, stream));
   return cudaSuccess;
 }
 
 cudaError_t dw_bwd_launch(const ConvLaunch& p, cudaStream_t stream) {
   MBX_DISPATCH_K(p.K, {
-    const cudaError_t err = launch_bwd_epilogue<DwSrc<KS>::type>(p, stream);
-    if (err != cudaSuccess) return err;
+    const dim3 grid = grid_dims(p, p.chunks), block = block_dims(p.channels_last);
+    using Src = DwSrc<KS>;
+    bool vec_done_ = false;
+    MBX_TRY_VEC(kVecBwdSums);
+    if (!vec_done_) {
+      MBX_DISPATCH_T(p.dtype, bwd_sums_kernel<T, A, Src::type<T, A>><<<grid, block, 0, stream>>>(p));
+      MBX_LAUNCH_CHECK();
+    }
+    MBX_DISPATCH_ACC(p.dtype, bwd_finalize_kernel<A><<<(p.C + 127) / 128, 128, 0, stream>>>(p));
+    MBX_LAUNCH_CHECK();
+    vec_done_ = false;
+    MBX_TRY_VEC(kVecBwdDc);
+    if (!vec_done_) {
+      MBX_DISPATCH_T(p.dtype, bwd_dc_kernel<T, A, Src::type<T, A>><<<grid, block, 0, stream>>>(p));
+      MBX_LAUNCH_CHECK();
+    }
     const int nw = KS * KS * p.C;
     MBX_DISPATCH_ACC(p.dtype, dweight_finalize_kernel<A, KS><<<(nw + 255) / 256, 256, 0, stream>>>(p));
     MBX_LAUNCH_CHECK();
-    const int dx_chunks = chunks_for(p.channels_last, p.C, int64_t(p.N) * p.H * p.W);
-    const dim3 grid = grid_dims(p, dx_chunks), block = block_dims(p.channels_last);
-    MBX_DISPATCH_T(p.dtype, dx_kernel<T, A, KS><<<grid, block, 0, stream>>>(p, dx_chunks));
-    MBX_LAUNCH_CHECK();
+    vec_done_ = false;
+    MBX_TRY_VEC(kVecDx);
+    if (!vec_done_) {
+      const int dx_chunks = chunks_for(p.channels_last, p.C, int64_t(p.N) * p.H * p.W);
+      const dim3 dx_grid = grid_dims(p, dx_chunks);
+      MBX_DISPATCH_T(p.dtype, dx_kernel<T, A, KS><<<dx_grid, block, 0, stream>>>(p, dx_chunks));
+      MBX_LAUNCH_CHECK();
+    }
   });
   return cudaSuccess;
 }

@@ -6,12 +6,27 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "../host.h"
 #include "launch.h"
 #include "launch_host.h"
 
 namespace mbx {
 namespace {
+
+// The weights as the vector kernels read them: (K*K, C) in x's dtype, and with
+// the taps reversed for dx (backward). Set in p only where dw_vec_geometry holds;
+// the returned tensors must outlive the launches.
+std::vector<at::Tensor> vec_weights(ConvLaunch& p, const at::Tensor& w, bool flipped) {
+  if (!dw_vec_geometry(p)) return {};
+  auto wt = w.reshape({p.C, p.K * p.K}).t().contiguous();
+  p.wt = wt.const_data_ptr();
+  if (!flipped || p.stride != 1) return {wt};  // dx as a conv of dc: stride 1 only
+  auto wt_flip = wt.flip({0});
+  p.wt_flip = wt_flip.const_data_ptr();
+  return {wt, wt_flip};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_fwd_cuda(
     const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bn_weight,
@@ -26,6 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_fwd_cuda(
   auto y = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().memory_format(g.format()));
   ConvLaunch p = make_launch(g, x, w, training, eps);
   p.y = y.data_ptr();
+  const auto held_w = vec_weights(p, w, /*flipped=*/false);
   auto stats = forward_epilogue(p, x, bn_weight, bn_bias, running_mean, running_var, training,
                                 eps, y.numel() == 0, dw_stats_launch, dw_apply_launch);
   return {y, std::get<0>(stats), std::get<1>(stats)};
@@ -55,6 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bwd_cuda(
     dbeta = at::zeros({g.C}, x.options().dtype(acc));
   } else {
     ConvLaunch p = make_launch(g, x, w, training, /*eps=*/0.0);
+    const auto held_w = vec_weights(p, w, /*flipped=*/true);
     auto held = backward_epilogue_args(p, dy, bn_weight, bn_bias, mean, invstd);
     dgamma = held[0];
     dbeta = held[1];

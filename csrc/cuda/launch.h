@@ -41,10 +41,33 @@ struct ConvLaunch {
   void* dweight;  // depthwise: (C, K*K)
   void* coef;     // (3, C) workspace: BnBwdCoef a, b, d
   void* part;     // (chunks, max(3, K*K), C) workspace of block partials
+  // depthwise, vector path only (dw_vec_geometry): the weights transposed to
+  // (K*K, C) in T, and the same with the taps reversed (dx as a conv of dc)
+  const void* wt;
+  const void* wt_flip;
 };
+
+// Depthwise: whether the vectorised channels_last kernels (vec_tile.cuh) take this
+// geometry and dtype (the pointer alignment is checked at each launch); the host
+// then sets wt and wt_flip. MOBILENET_EXT_VEC=0 turns the vector path off (both ops).
+bool dw_vec_geometry(const ConvLaunch& p);
 
 // Number of pixel chunks the reduction kernels split N*Ho*Wo into (sizes `part`).
 int num_chunks(const ConvLaunch& p);
+// num_chunks of the pointwise op (K == 1).
+int pw_num_chunks(const ConvLaunch& p);
+
+// The stages of the vectorised channels_last path (vec_tile.cuh).
+enum VecStage : int { kVecStats, kVecApply, kVecBwdSums, kVecBwdDc, kVecDx };
+// false when MOBILENET_EXT_VEC=0 (read on every call): the scalar kernels only.
+bool vec_enabled();
+// Depthwise: launches one stage on the vector path (kVecStats includes its
+// finalize; kVecDx writes dx from dc); cudaErrorNotSupported where it does not
+// apply (geometry, dtype, alignment, or a stage it lacks), for the caller to
+// take the scalar kernels.
+cudaError_t dw_vec_launch(VecStage stage, const ConvLaunch& p, cudaStream_t stream);
+// num_chunks of dw_vec_launch's reductions.
+int dw_vec_chunks(const ConvLaunch& p);
 
 // Depthwise: training batch statistics -> mean, invstd, scale, shift.
 cudaError_t dw_stats_launch(const ConvLaunch& p, cudaStream_t stream);

@@ -43,13 +43,19 @@ DwGeom out_geom(const PwGeom& g) {
   return o;
 }
 
-// The single-kernel eval path (pw_fused.cu): fp16/bf16 channels_last, on by
-// default, off with MOBILENET_EXT_PW_FUSED=0 (read on every call).
+// The single-kernel eval path (pw_fused.cu): fp16/bf16 channels_last, taken where
+// the output is at least as wide as the input (expand layers). There it won 2-3x
+// over eager on the H200 (GPU run 1) because the wide conv output never goes to
+// memory; on projections (Cin > Cout) it lost to cuBLAS's GEMM (0.5-0.8x eager),
+// so those take cuBLAS + the vectorised epilogue. MOBILENET_EXT_PW_FUSED=0 never
+// takes it, =1 always (read on every call).
 bool use_pw_fused(const PwGeom& g, const at::Tensor& x, bool training) {
   if (training || !g.channels_last) return false;
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
   const char* env = std::getenv("MOBILENET_EXT_PW_FUSED");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  const bool always = env != nullptr && std::strcmp(env, "1") == 0;
+  if (!always && g.Cout < g.Cin) return false;
   constexpr int64_t kIntMax = (int64_t(1) << 31) - 1;  // channels are int in the kernel
   if (g.Cin > kIntMax || g.Cout > kIntMax) return false;
   return pw_fused_supported();  // the current device is x's (CUDAGuard)

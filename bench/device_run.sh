@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The developers' one-shot device call (not CI; bench/gpu_check.sh is the user-facing
+# runner): use the extension prebuilt for the device's torch if it loads (else build),
+# GPU tests of the CUDA ops, the benchmark (infer + train, JSON), Triton GPU tests and
+# Triton rows. Each step is capped so the whole call ends inside BUDGET seconds; every
+# output goes to $OUT as it is written; run.log is the summary.
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+PY=/opt/torch/.venv/bin/python; [ -x $PY ] || PY=python
+BUDGET=${BUDGET:-420}
+export PYTHONUNBUFFERED=1 MOBILENET_EXT_EXPECT_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
+LOG=$OUT/run.log
+step() {  # step NAME CAP CMD...: output to $OUT/NAME.log, never past the budget
+  local name=$1 cap=$2 t0=$SECONDS; shift 2
+  local left=$((BUDGET - SECONDS)); ((cap > left)) && cap=$left
+  if ((cap < 10)); then echo "$name: no time left" >> "$LOG"; return; fi
+  timeout "$cap" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$? $((SECONDS - t0))s (cap ${cap}s)" >> "$LOG"
+}
+{ date -u; echo "tree: ${TREE:-?}"
+  nvidia-smi --query-gpu=name,compute_cap,clocks.max.sm,clocks.max.mem --format=csv
+  $PY -c "import torch,triton;print(torch.__version__,torch.version.cuda,torch.backends.cudnn.version(),triton.__version__)"
+} > "$LOG" 2>&1
+if $PY -c "import mobilenet_ext,sys; sys.exit(0 if mobilenet_ext.compiled_with_cuda() else 1)" >> "$LOG" 2>&1; then
+  echo "prebuilt extension loads with CUDA kernels" >> "$LOG"
+else
+  rm -f mobilenet_ext/_C*.so
+  step build 200 env MOBILENET_EXT_CUDA=1 $PY setup.py build_ext --inplace
+  tail -5 "$OUT/build.log" >> "$LOG"; rm -f "$OUT/build.log"  # at most 8 files come back
+fi
+step tests_cuda 130 $PY -m pytest -q -p no:cacheprovider -m gpu -rf tests/test_vec_paths.py \
+  tests/test_dw_conv.py tests/test_pw_conv.py
+step bench 170 $PY -m bench --op all --mode both --providers eager,folded,ours --batch 128 \
+  --repeats 30 --warmup 5 --json "$OUT/bench.json" --plot "$OUT/bench.png"
+step profile 40 bash -c "$PY -m bench.profile --op pw --mode train --steps 3 --layer \
+'expand 24->144@56x56' && $PY -m bench.profile --op pw --mode train --steps 3 --layer \
+'project 144->24@56x56 +res' && $PY -m bench.profile --op dw --mode train --steps 3 \
+--layer '144@56x56 s1'"
+step triton 120 bash -c "timeout 55 $PY -m pytest -q -p no:cacheprovider -m gpu -x -rf \
+tests/test_triton.py; $PY -m bench --op pw --mode infer --providers eager,ours,triton \
+--batch 128 --repeats 20 --warmup 3 --json $OUT/bench_triton.json"
+cat "$LOG"

@@ -1,0 +1,517 @@
+// Vectorised channels_last kernels of the shared BatchNorm + activation epilogue
+// (the fast path of epilogue.cuh's kernels, same math, same workspaces).
+//
+// A thread owns V = 16 / sizeof(T) adjacent channels (one 16-byte load or store
+// per pixel) and an *item*: a strip of R output pixels. For the depthwise conv
+// the strip is R adjacent output columns of one row, so the (R-1)*S + K input
+// columns it needs are loaded once per kernel row and reused by every output
+// they touch (4.5 loads per output for K=3, S=1, R=4 instead of 9); for the
+// pointwise op (a GEMM result) it is R consecutive pixels. Block: (bx, by),
+// threadIdx.x = channel group, threadIdx.y = item; gridDim.x tiles the channel
+// groups, gridDim.y the items (a grid-stride loop). Reductions sum over the
+// thread's items, then over threadIdx.y in shared memory, and write one partial
+// per (gridDim.y chunk, channel) in the layout of epilogue.cuh's partials, so
+// its finalize kernels combine them unchanged.
+//
+// Used when x is channels_last, T is fp32/fp16/bf16 (A = float), C % V == 0 and
+// every tensor is 16-byte aligned (vec_path_ok); everything else takes
+// epilogue.cuh's scalar kernels.
+#pragma once
+
+#include <cstdint>
+
+#include "epilogue.cuh"
+
+namespace mbx {
+namespace {
+
+constexpr int kVecThreads = 256;
+
+template <typename T>
+struct Vec {
+  static constexpr int V = 16 / int(sizeof(T));
+};
+
+// out[0..N) = float(p[0..N)), p 16-byte aligned; U is T or float.
+template <int N, typename U>
+__device__ __forceinline__ void vload(const U* p, float (&out)[N]) {
+  static_assert((N * sizeof(U)) % 16 == 0, "whole 16-byte words only");
+  constexpr int kWords = N * int(sizeof(U)) / 16, kPer = 16 / int(sizeof(U));
+#pragma unroll
+  for (int k = 0; k < kWords; ++k) {
+    const uint4 u = reinterpret_cast<const uint4*>(p)[k];
+    const U* e = reinterpret_cast<const U*>(&u);
+#pragma unroll
+    for (int v = 0; v < kPer; ++v) out[k * kPer + v] = to_acc<float>(e[v]);
+  }
+}
+
+// p[0..N) = T(in[0..N)), p 16-byte aligned.
+template <int N, typename T>
+__device__ __forceinline__ void vstore(T* p, const float (&in)[N]) {
+  static_assert((N * sizeof(T)) % 16 == 0, "whole 16-byte words only");
+  constexpr int kWords = N * int(sizeof(T)) / 16, kPer = 16 / int(sizeof(T));
+#pragma unroll
+  for (int k = 0; k < kWords; ++k) {
+    alignas(16) T e[kPer];
+#pragma unroll
+    for (int v = 0; v < kPer; ++v) e[v] = from_acc<T>(in[k * kPer + v]);
+    reinterpret_cast<uint4*>(p)[k] = *reinterpret_cast<const uint4*>(e);
+  }
+}
+
+// Block shape and grid of the vector kernels for C channels of V each: the
+// channel groups split evenly into blocks of at most 32, the rest of the 256
+// threads over items. Shared by the host (workspace sizes) and the launches.
+struct VecGrid {
+  int bx, by, gx;
+  __host__ __device__ static VecGrid make(int C, int V) {
+    const int groups = (C + V - 1) / V;
+    const int parts = groups > 0 ? (groups + 31) / 32 : 1;
+    VecGrid g;
+    g.bx = groups > 0 ? (groups + parts - 1) / parts : 1;
+    g.by = kVecThreads / g.bx;
+    g.gx = parts;
+    return g;
+  }
+};
+
+// Chunks (gridDim.y) of a reduction over `items` items: about 4 blocks per SM
+// in all, each thread owning at least 2 items.
+inline int vec_reduce_chunks(const VecGrid& g, int64_t items) {
+  const int64_t want = (int64_t(sm_count()) * 4 + g.gx - 1) / g.gx;
+  const int64_t most = (items + 2 * int64_t(g.by) - 1) / (2 * int64_t(g.by));
+  int64_t k = want < most ? want : most;
+  if (k < 1) k = 1;
+  if (k > 65535) k = 65535;
+  return static_cast<int>(k);
+}
+
+// Parameters of one vector launch (the conv geometry lives in the source).
+struct VecArgs {
+  int C, act;
+  const float* scale;  // null: no BatchNorm (y = act(conv))
+  const float* shift;
+  const float* mean;
+  const float* coef;   // (3, C): BnBwdCoef a, b, d
+  const void* residual;
+  void* y;
+  const void* dy;
+  void* dc;
+  float* part;
+};
+
+// ---------------------------------------------------------------- sources
+
+// The depthwise conv of a strip of R output columns, from x (N, Hin, Win, C)
+// and weights transposed to (K*K, C): out(n, ho, wo) = sum over taps (i, j)
+// of x(n, ho*S - pad + i, wo*S - pad + j) * w(i, j), zero outside x.
+template <typename T, int K, int S, int R>
+struct DwStrip {
+  static constexpr int V = Vec<T>::V, kR = R, kTaps = K * K, kCols = (R - 1) * S + K;
+  const T* x;
+  const T* wt;
+  int C, Hin, Win, Hout, Wout, pad, wblocks, items;
+
+  __host__ DwStrip(const void* x_, const void* wt_, int N, int C_, int Hin_, int Win_, int Hout_,
+                   int Wout_, int pad_)
+      : x(static_cast<const T*>(x_)), wt(static_cast<const T*>(wt_)), C(C_), Hin(Hin_),
+        Win(Win_), Hout(Hout_), Wout(Wout_), pad(pad_) {
+    wblocks = (Wout + R - 1) / R;
+    items = N * Hout * wblocks;
+  }
+  __device__ __forceinline__ int nvalid(int item) const {
+    const int wo0 = (item % wblocks) * R;
+    return Wout - wo0 < R ? Wout - wo0 : R;
+  }
+  // flat (n, ho, wo) index of the strip's first pixel
+  __device__ __forceinline__ int64_t pix0(int item) const {
+    const int row = item / wblocks;  // n * Hout + ho
+    return int64_t(row) * Wout + (item % wblocks) * R;
+  }
+
+  // For every kernel row i inside x: row(i), then col(i, col, x values) for every
+  // strip input column col inside x (taps in the padding contribute zero).
+  template <typename RowF, typename ColF>
+  __device__ __forceinline__ void for_inputs(int item, int c0, RowF&& row_fn,
+                                             ColF&& col_fn) const {
+    const int row = item / wblocks, wb = item % wblocks;
+    const int ho = row % Hout, n = row / Hout;
+    const int hi0 = ho * S - pad, wi0 = wb * R * S - pad;
+    const T* xb = x + int64_t(n) * Hin * Win * C + c0;
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      const int hi = hi0 + i;
+      if (hi < 0 || hi >= Hin) continue;
+      row_fn(i);
+      const T* xr = xb + int64_t(hi) * Win * C;
+#pragma unroll
+      for (int col = 0; col < kCols; ++col) {
+        const int wi = wi0 + col;
+        if (wi < 0 || wi >= Win) continue;
+        float xv[V];
+        vload<V>(xr + int64_t(wi) * C, xv);
+        col_fn(i, col, xv);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void conv(int item, int c0, float (&out)[R][V]) const {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int v = 0; v < V; ++v) out[r][v] = 0.f;
+    float wrow[K][V];  // the weights of kernel row i
+    for_inputs(
+        item, c0,
+        [&](int i) {
+#pragma unroll
+          for (int j = 0; j < K; ++j) vload<V>(wt + int64_t(i * K + j) * C + c0, wrow[j]);
+        },
+        [&](int, int col, const float (&xv)[V]) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const int j = col - r * S;
+            if (j < 0 || j >= K) continue;
+#pragma unroll
+            for (int v = 0; v < V; ++v) out[r][v] += wrow[j][v] * xv[v];
+          }
+        });
+  }
+
+  // dw[i*K + j][v] += sum over the strip's first nv pixels r of g[r][v] * x(tap (i, j)
+  // of r). Pixels past the strip's end are skipped, not multiplied by zero: the x
+  // columns only they read may hold inf.
+  __device__ __forceinline__ void accumulate_taps(int item, int c0, int nv,
+                                                  const float (&g)[R][V],
+                                                  float (&dw)[kTaps][V]) const {
+    for_inputs(
+        item, c0, [](int) {},
+        [&](int i, int col, const float (&xv)[V]) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const int j = col - r * S;
+            if (j < 0 || j >= K || r >= nv) continue;
+#pragma unroll
+            for (int v = 0; v < V; ++v) dw[i * K + j][v] += g[r][v] * xv[v];
+          }
+        });
+  }
+};
+
+// The pointwise conv output read from the GEMM result (P, C): in T, or in float
+// when `acc` (the backward's recomputed conv).
+template <typename T, int R>
+struct BufStrip {
+  static constexpr int V = Vec<T>::V, kR = R, kTaps = 0;
+  const void* buf;
+  bool acc;
+  int C, P, items;
+
+  __host__ BufStrip(const void* buf_, bool acc_, int C_, int64_t P_)
+      : buf(buf_), acc(acc_), C(C_), P(static_cast<int>(P_)) {
+    items = static_cast<int>((P_ + R - 1) / R);
+  }
+  __device__ __forceinline__ int nvalid(int item) const {
+    return P - item * R < R ? P - item * R : R;
+  }
+  __device__ __forceinline__ int64_t pix0(int item) const { return int64_t(item) * R; }
+  __device__ __forceinline__ void conv(int item, int c0, float (&out)[R][V]) const {
+    const int nv = nvalid(item);
+    const int64_t base = pix0(item) * C + c0;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < nv) {
+        if (acc) vload<V>(static_cast<const float*>(buf) + base + int64_t(r) * C, out[r]);
+        else vload<V>(static_cast<const T*>(buf) + base + int64_t(r) * C, out[r]);
+      } else {
+#pragma unroll
+        for (int v = 0; v < V; ++v) out[r][v] = 0.f;
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------- kernels
+
+// Sum of v[0..V) over threadIdx.y for each threadIdx.x (valid in threadIdx.y == 0);
+// smem holds blockDim.x * blockDim.y * V floats. Fixed order: deterministic.
+template <int V>
+__device__ __forceinline__ void block_sum_y_vec(float (&v)[V], float* smem) {
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  float* mine = smem + (ty * bx + tx) * V;
+#pragma unroll
+  for (int k = 0; k < V; ++k) mine[k] = v[k];
+  __syncthreads();
+  int s = 1;
+  while (s < by) s <<= 1;
+  for (s >>= 1; s > 0; s >>= 1) {
+    if (ty < s && ty + s < by) {
+      const float* other = smem + ((ty + s) * bx + tx) * V;
+#pragma unroll
+      for (int k = 0; k < V; ++k) mine[k] += other[k];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) v[k] = smem[tx * V + k];
+  __syncthreads();
+}
+
+// y = act(conv * scale + shift) (+ residual); no BN when a.scale is null.
+template <typename T, class Src>
+__global__ void __launch_bounds__(kVecThreads) vec_apply_kernel(const VecArgs a, const Src src) {
+  constexpr int V = Src::V, R = Src::kR;
+  const int cg = blockIdx.x * blockDim.x + threadIdx.x;
+  if (cg * V >= a.C) return;  // no block-level sync in this kernel
+  const int c0 = cg * V;
+  float sc[V], sh[V];
+  if (a.scale != nullptr) {
+    vload<V>(a.scale + c0, sc);
+    vload<V>(a.shift + c0, sh);
+  }
+  const T* res = static_cast<const T*>(a.residual);
+  T* y = static_cast<T*>(a.y);  // may alias the pointwise conv buffer: same elements, same thread
+  for (int item = blockIdx.y * blockDim.y + threadIdx.y; item < src.items;
+       item += gridDim.y * blockDim.y) {
+    float c[R][V];
+    src.conv(item, c0, c);
+    const int nv = src.nvalid(item);
+    const int64_t base = src.pix0(item) * a.C + c0;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r >= nv) continue;
+      float o[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        o[v] = a.scale != nullptr ? act_fwd<float>(a.act, c[r][v] * sc[v] + sh[v]) : c[r][v];
+      if (res != nullptr) {
+        float rv[V];
+        vload<V>(res + base + int64_t(r) * a.C, rv);
+#pragma unroll
+        for (int v = 0; v < V; ++v) o[v] += rv[v];
+      }
+      vstore<V>(y + base + int64_t(r) * a.C, o);
+    }
+  }
+}
+
+// Batch statistics: per-thread Welford over its items (each strip merged as one
+// (mean, M2, count) block), merged over threadIdx.y, one partial per chunk.
+template <typename T, class Src>
+__global__ void __launch_bounds__(kVecThreads) vec_stats_kernel(const VecArgs a, const Src src) {
+  constexpr int V = Src::V, R = Src::kR;
+  __shared__ float s_mean[kVecThreads * V], s_m2[kVecThreads * V], s_n[kVecThreads];
+  const int cg = blockIdx.x * blockDim.x + threadIdx.x, c0 = cg * V;
+  float mean[V], m2[V], n = 0.f;
+#pragma unroll
+  for (int v = 0; v < V; ++v) mean[v] = m2[v] = 0.f;
+  if (c0 < a.C) {
+    for (int item = blockIdx.y * blockDim.y + threadIdx.y; item < src.items;
+         item += gridDim.y * blockDim.y) {
+      float c[R][V];
+      src.conv(item, c0, c);
+      const int nv = src.nvalid(item);
+      const float inv = 1.f / float(nv), tot = n + float(nv), w = float(nv) / tot;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        float s = 0.f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) s += r < nv ? c[r][v] : 0.f;
+        const float m = s * inv;
+        float q = 0.f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) q += r < nv ? (c[r][v] - m) * (c[r][v] - m) : 0.f;
+        const float d = m - mean[v];
+        mean[v] += d * w;
+        m2[v] += q + d * d * n * w;
+      }
+      n = tot;
+    }
+  }
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  const int me = ty * bx + tx;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    s_mean[me * V + v] = mean[v];
+    s_m2[me * V + v] = m2[v];
+  }
+  s_n[me] = n;
+  __syncthreads();
+  int s = 1;
+  while (s < by) s <<= 1;
+  for (s >>= 1; s > 0; s >>= 1) {
+    if (ty < s && ty + s < by) {
+      const int o = (ty + s) * bx + tx;
+      const float on = s_n[o], mn = s_n[me];
+      if (on > 0.f) {
+        const float tot = mn + on, w = on / tot;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const float d = s_mean[o * V + v] - s_mean[me * V + v];
+          s_mean[me * V + v] += d * w;
+          s_m2[me * V + v] += s_m2[o * V + v] + d * d * mn * w;
+        }
+        s_n[me] = tot;
+      }
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && c0 < a.C) {
+    float* part = a.part + int64_t(blockIdx.y) * 3 * a.C;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      part[c0 + v] = s_mean[tx * V + v];
+      part[a.C + c0 + v] = s_m2[tx * V + v];
+      part[2 * a.C + c0 + v] = s_n[tx];
+    }
+  }
+}
+
+// dz = act'(conv*scale + shift) * dy for a strip; zero past the strip's end.
+template <typename T, int R, int V>
+__device__ __forceinline__ void strip_dz(const VecArgs& a, int64_t base, int nv,
+                                         const float (&c)[R][V], const float (&sc)[V],
+                                         const float (&sh)[V], float (&dz)[R][V]) {
+  const T* dy = static_cast<const T*>(a.dy);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r < nv) {
+      float d[V];
+      vload<V>(dy + base + int64_t(r) * a.C, d);
+#pragma unroll
+      for (int v = 0; v < V; ++v) dz[r][v] = act_bwd<float>(a.act, c[r][v] * sc[v] + sh[v], d[v]);
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v) dz[r][v] = 0.f;
+    }
+  }
+}
+
+// Per channel sum(dz) and sum(dz * (conv - mean)): partials [chunk][2][C].
+template <typename T, class Src>
+__global__ void __launch_bounds__(kVecThreads) vec_bwd_sums_kernel(const VecArgs a, const Src src) {
+  constexpr int V = Src::V, R = Src::kR;
+  __shared__ float smem[kVecThreads * V];
+  const int cg = blockIdx.x * blockDim.x + threadIdx.x, c0 = cg * V;
+  float s_dz[V], s_dzx[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) s_dz[v] = s_dzx[v] = 0.f;
+  if (c0 < a.C) {
+    float sc[V], sh[V], mean[V];
+    vload<V>(a.scale + c0, sc);
+    vload<V>(a.shift + c0, sh);
+    vload<V>(a.mean + c0, mean);
+    for (int item = blockIdx.y * blockDim.y + threadIdx.y; item < src.items;
+         item += gridDim.y * blockDim.y) {
+      float c[R][V], dz[R][V];
+      src.conv(item, c0, c);
+      strip_dz<T>(a, src.pix0(item) * a.C + c0, src.nvalid(item), c, sc, sh, dz);
+      const int nv = src.nvalid(item);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r >= nv) continue;  // the conv there may read inf from columns no output uses
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          s_dz[v] += dz[r][v];
+          s_dzx[v] += dz[r][v] * (c[r][v] - mean[v]);
+        }
+      }
+    }
+  }
+  block_sum_y_vec<V>(s_dz, smem);
+  block_sum_y_vec<V>(s_dzx, smem);
+  if (threadIdx.y == 0 && c0 < a.C) {
+    float* part = a.part + int64_t(blockIdx.y) * 2 * a.C;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      part[c0 + v] = s_dz[v];
+      part[a.C + c0 + v] = s_dzx[v];
+    }
+  }
+}
+
+// dc = a*dz + b*conv + d, written once; a source with taps also writes its
+// weight-gradient partials [chunk][tap][C].
+template <typename T, class Src>
+__global__ void __launch_bounds__(kVecThreads) vec_bwd_dc_kernel(const VecArgs a, const Src src) {
+  constexpr int V = Src::V, R = Src::kR, kTaps = Src::kTaps;
+  __shared__ float smem[kTaps > 0 ? kVecThreads * V : 1];
+  const int cg = blockIdx.x * blockDim.x + threadIdx.x, c0 = cg * V;
+  float dw[kTaps > 0 ? kTaps : 1][V];
+#pragma unroll
+  for (int t = 0; t < (kTaps > 0 ? kTaps : 1); ++t)
+#pragma unroll
+    for (int v = 0; v < V; ++v) dw[t][v] = 0.f;
+  if (c0 < a.C) {
+    float sc[V], sh[V], ka[V], kb[V], kd[V];
+    vload<V>(a.scale + c0, sc);
+    vload<V>(a.shift + c0, sh);
+    vload<V>(a.coef + c0, ka);
+    vload<V>(a.coef + a.C + c0, kb);
+    vload<V>(a.coef + 2 * a.C + c0, kd);
+    T* dc = static_cast<T*>(a.dc);
+    for (int item = blockIdx.y * blockDim.y + threadIdx.y; item < src.items;
+         item += gridDim.y * blockDim.y) {
+      float c[R][V], g[R][V];
+      src.conv(item, c0, c);
+      const int nv = src.nvalid(item);
+      const int64_t base = src.pix0(item) * a.C + c0;
+      strip_dz<T>(a, base, nv, c, sc, sh, g);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r >= nv) continue;  // g stays zero there
+#pragma unroll
+        for (int v = 0; v < V; ++v) g[r][v] = ka[v] * g[r][v] + kb[v] * c[r][v] + kd[v];
+        vstore<V>(dc + base + int64_t(r) * a.C, g[r]);
+      }
+      if constexpr (kTaps > 0) src.accumulate_taps(item, c0, nv, g, dw);
+    }
+  }
+  if constexpr (kTaps > 0) {
+#pragma unroll
+    for (int t = 0; t < kTaps; ++t) {
+      block_sum_y_vec<V>(dw[t], smem);
+      if (threadIdx.y == 0 && c0 < a.C) {
+        float* part = a.part + (int64_t(blockIdx.y) * kTaps + t) * a.C;
+#pragma unroll
+        for (int v = 0; v < V; ++v) part[c0 + v] = dw[t][v];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- launch
+
+// Every pointer the vector kernels touch is 16-byte aligned and C % V == 0.
+inline bool vec_aligned(std::initializer_list<const void*> ptrs) {
+  for (const void* q : ptrs)
+    if (q != nullptr && (reinterpret_cast<uintptr_t>(q) & 15) != 0) return false;
+  return true;
+}
+
+inline VecArgs vec_args(const ConvLaunch& p) {
+  VecArgs a{};
+  a.C = p.C;
+  a.act = p.act;
+  a.scale = static_cast<const float*>(p.scale);
+  a.shift = static_cast<const float*>(p.shift);
+  a.mean = static_cast<const float*>(p.mean);
+  a.coef = static_cast<const float*>(p.coef);
+  a.residual = p.residual;
+  a.y = p.y;
+  a.dy = p.dy;
+  a.dc = p.dc;
+  a.part = static_cast<float*>(p.part);
+  return a;
+}
+
+// One thread per item: no loop unless the grid's 65535 rows run out.
+template <typename Src>
+dim3 vec_apply_grid(const VecGrid& g, const Src& src) {
+  const int64_t rows = (int64_t(src.items) + g.by - 1) / g.by;
+  return dim3(g.gx, static_cast<unsigned>(rows < 1 ? 1 : (rows > 65535 ? 65535 : rows)));
+}
+
+}  // namespace
+}  // namespace mbx

@@ -1,0 +1,169 @@
+"""The CUDA kernels' two paths: the vectorised channels_last one (16-byte loads,
+strips of output columns; taken when C is a multiple of 16 bytes' worth of channels
+and every tensor is 16-byte aligned) and the scalar one (everything else, or
+MOBILENET_EXT_VEC=0). Both against reference.py on MobileNet-like shapes, forward
+(eval and training) and backward, with poisoned outputs; plus a misaligned input
+that must take the scalar path. GPU only: the CPU kernels have no such switch."""
+import pytest
+import torch
+
+from mobilenet_ext import reference
+from conftest import HAS_CUDA, as64, check_close, poison_allocator
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and the CUDA kernels")]
+
+op = torch.ops.mobilenet_ext
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (N, C, H, W, k, stride, pad): C a multiple of 8, W not a multiple of the strip (4);
+# C = 264: 33 channel groups of 8 (fp16) -> two blocks across channels, one idle thread
+DW_CASES = [(2, 32, 14, 13, 3, 1, 1), (2, 48, 9, 10, 3, 2, 1), (1, 24, 11, 9, 5, 1, 2),
+            (2, 16, 8, 7, 5, 2, 2), (1, 16, 9, 8, 7, 1, 3), (1, 8, 13, 11, 7, 2, 3),
+            (1, 264, 6, 5, 3, 1, 1), (2, 16, 9, 9, 3, 1, 0), (2, 24, 8, 8, 3, 2, 0)]
+# (N, Cin, Cout, H, W): N*H*W not a multiple of the strip (4)
+PW_CASES = [(2, 16, 24, 7, 7), (1, 40, 16, 5, 3), (1, 24, 264, 3, 5)]
+
+
+def channels_last(t, misaligned):
+    """t in channels_last; misaligned: the same values at a 2-element offset into
+    a larger buffer, so the data pointer is not 16-byte aligned."""
+    if not misaligned:
+        return t.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = t.shape
+    buf = torch.empty(t.numel() + 2, dtype=t.dtype, device=t.device)
+    v = buf[2:].view(n, h, w, c).permute(0, 3, 1, 2)
+    v.copy_(t)
+    assert v.is_contiguous(memory_format=torch.channels_last) and v.data_ptr() % 16 != 0
+    return v
+
+
+def bn_params(c, device):
+    return (torch.rand(c, device=device) + 0.5, torch.randn(c, device=device),
+            torch.randn(c, device=device) * 0.1, torch.rand(c, device=device) + 0.5)
+
+
+def grads(run, dy, *ts):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in ts]
+    y = run(*leaves)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def compare(run_ours, run_ref, dy, inputs, names, dtype):
+    poison_allocator("cuda")
+    y, got = grads(run_ours, dy, *inputs)
+    y64, want = grads(run_ref, dy, *as64(*inputs))
+    ye, eager = grads(run_ref, dy, *inputs)
+    check_close(y, ye, y64, factor=2)
+    for name, a, e, r in zip(names, got, eager, want):
+        if r is None:
+            continue
+        assert a.shape == r.shape, name
+        check_close(a, e, r, factor=3, dtype=dtype)
+
+
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("vec", ["1", "0"])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DW_CASES)
+def test_dw_paths(monkeypatch, case, dtype, training, vec, misaligned):
+    monkeypatch.setenv("MOBILENET_EXT_VEC", vec)
+    n, c, h, w, k, s, pad = case
+    x = channels_last(torch.randn(n, c, h, w, device="cuda", dtype=dtype), misaligned)
+    weight = torch.randn(c, 1, k, k, device="cuda", dtype=dtype) / k
+    g, b, rm, rv = bn_params(c, "cuda")
+    dy = torch.randn(n, c, (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1,
+                     device="cuda").contiguous(memory_format=torch.channels_last)
+    act = "relu6" if dtype == torch.float32 else "hardswish"
+
+    def ours(x, w, g, b):
+        return op.dw_fwd(x, w, g, b, rm, rv, s, pad, 1, training, 1e-5, act)[0]
+
+    def ref(x, w, g, b):
+        cast = (lambda t: t.double()) if x.dtype == torch.float64 else (lambda t: t)
+        return reference.dw_fwd(x, w, g, b, cast(rm), cast(rv), s, pad, 1, training, 1e-5,
+                                act)[0]
+
+    compare(ours, ref, dy, (x, weight, g, b), ("dx", "dweight", "dgamma", "dbeta"), dtype)
+
+
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("vec", ["1", "0"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PW_CASES)
+def test_pw_paths(monkeypatch, case, dtype, training, residual, vec, misaligned):
+    monkeypatch.setenv("MOBILENET_EXT_VEC", vec)
+    n, cin, cout, h, w = case
+    x = channels_last(torch.randn(n, cin, h, w, device="cuda", dtype=dtype), misaligned)
+    weight = torch.randn(cout, cin, 1, 1, device="cuda", dtype=dtype) / cin ** 0.5
+    g, b, rm, rv = bn_params(cout, "cuda")
+    r = None
+    if residual:
+        r = channels_last(torch.randn(n, cout, h, w, device="cuda", dtype=dtype), misaligned)
+    dy = torch.randn(n, cout, h, w, device="cuda").contiguous(memory_format=torch.channels_last)
+    act = "relu6" if dtype == torch.float32 else "silu"
+
+    def ours(x, w, g, b, r):
+        return op.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act)[0]
+
+    def ref(x, w, g, b, r):
+        cast = (lambda t: t.double()) if x.dtype == torch.float64 else (lambda t: t)
+        return reference.pw_fwd(x, w, g, b, cast(rm), cast(rv), r, training, 1e-5, act)[0]
+
+    compare(ours, ref, dy, (x, weight, g, b, r),
+            ("dx", "dweight", "dgamma", "dbeta", "dresidual"), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dw_unread_column_inf(dtype):
+    """Stride 2, pad 0, even W: no output reads x's last column, yet the vector path's
+    last strip loads it. An inf there must not reach dweight or dgamma (0 * inf)."""
+    n, c, h, w, k, s = 2, 24, 8, 8, 3, 2
+    x = torch.randn(n, c, h, w, device="cuda", dtype=dtype) \
+        .contiguous(memory_format=torch.channels_last)
+    unread = torch.zeros(1, 1, 1, w, dtype=torch.bool, device="cuda")
+    unread[..., -1] = True
+    weight = torch.randn(c, 1, k, k, device="cuda", dtype=dtype) / k
+    g, b, rm, rv = bn_params(c, "cuda")
+    dy = torch.randn(n, c, 3, 3, device="cuda").contiguous(memory_format=torch.channels_last)
+
+    def ours(x, w, g, b):  # x with inf in the unread column (its gradient there is 0)
+        x_inf = x.masked_fill(unread, float("inf"))
+        assert x_inf.is_contiguous(memory_format=torch.channels_last)
+        return op.dw_fwd(x_inf, w, g, b, rm, rv, s, 0, 1, True, 1e-5, "relu6")[0]
+
+    def ref(x, w, g, b):  # the reference never sees the inf (its conv may read every column)
+        cast = (lambda t: t.double()) if x.dtype == torch.float64 else (lambda t: t)
+        return reference.dw_fwd(x, w, g, b, cast(rm), cast(rv), s, 0, 1, True, 1e-5,
+                                "relu6")[0]
+
+    y, got = grads(ours, dy, x, weight, g, b)
+    assert torch.isfinite(y).all()
+    for name, a in zip(("dx", "dweight", "dgamma", "dbeta"), got):
+        assert torch.isfinite(a).all(), name
+    compare(ours, ref, dy, (x, weight, g, b), ("dx", "dweight", "dgamma", "dbeta"), dtype)
+
+
+@pytest.mark.parametrize("fused", ["0", "1", None])
+@pytest.mark.parametrize("cin,cout", [(16, 48), (48, 16), (24, 24)])
+def test_pw_eval_path_choice(monkeypatch, cin, cout, fused):
+    """Eval fp16 channels_last: the fused tensor-core kernel (default where Cout >= Cin,
+    MOBILENET_EXT_PW_FUSED=1 always) and cuBLAS + the vector epilogue (default for
+    projections, =0 always) both match the reference, with and without a residual."""
+    if fused is None:
+        monkeypatch.delenv("MOBILENET_EXT_PW_FUSED", raising=False)
+    else:
+        monkeypatch.setenv("MOBILENET_EXT_PW_FUSED", fused)
+    x = channels_last(torch.randn(3, cin, 7, 9, device="cuda", dtype=torch.float16), False)
+    weight = torch.randn(cout, cin, 1, 1, device="cuda", dtype=torch.float16) / cin ** 0.5
+    g, b, rm, rv = bn_params(cout, "cuda")
+    for r in (None, channels_last(torch.randn(3, cout, 7, 9, device="cuda",
+                                              dtype=torch.float16), False)):
+        poison_allocator("cuda")
+        y = op.pw_fwd(x, weight, g, b, rm, rv, r, False, 1e-5, "relu6")[0]
+        y64 = reference.pw_fwd(*as64(x, weight, g, b, rm, rv, r), False, 1e-5, "relu6")[0]
+        eager = reference.pw_fwd(x, weight, g, b, rm, rv, r, False, 1e-5, "relu6")[0]
+        check_close(y, eager, y64, factor=2)
