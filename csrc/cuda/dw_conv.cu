@@ -56,16 +56,18 @@ struct DwSrc {
   };
 };
 
-// One thread per (tap, channel), channel fastest: dweight[c][t] = sum over chunks.
+// dweight[c][t] = sum over chunks of the partials [chunk][t][C]: one warp per
+// (tap, channel) (epilogue.cuh's finalize scheme).
 template <typename A, int K>
-__global__ void dweight_finalize_kernel(const ConvLaunch p) {
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+__global__ void __launch_bounds__(32 * kFinWarps) dweight_finalize_kernel(const ConvLaunch p) {
+  const int e = blockIdx.x * kFinWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (e >= K * K * p.C) return;
   const int t = e / p.C, c = e % p.C;
   const A* part = static_cast<const A*>(p.part);
   A s = A(0);
-  for (int k = 0; k < p.chunks; ++k) s += part[int64_t(k) * K * K * p.C + e];
-  static_cast<A*>(p.dweight)[int64_t(c) * K * K + t] = s;
+  for (int k = lane; k < p.chunks; k += 32) s += part[int64_t(k) * K * K * p.C + e];
+  s = warp_sum(s);
+  if (lane == 0) static_cast<A*>(p.dweight)[int64_t(c) * K * K + t] = s;
 }
 
 // dx[n,c,h,w] = sum over taps (i,j) with h = ho*s - pad + i*dil (same for w) of
@@ -155,7 +157,7 @@ cudaError_t dw_bwd_launch(const ConvLaunch& p, cudaStream_t stream) {
       MBX_DISPATCH_T(p.dtype, bwd_sums_kernel<T, A, Src::type<T, A>><<<grid, block, 0, stream>>>(p));
       MBX_LAUNCH_CHECK();
     }
-    MBX_DISPATCH_ACC(p.dtype, bwd_finalize_kernel<A><<<(p.C + 127) / 128, 128, 0, stream>>>(p));
+    MBX_DISPATCH_ACC(p.dtype, bwd_finalize_kernel<A><<<finalize_grid(p.C), finalize_block(), 0, stream>>>(p));
     MBX_LAUNCH_CHECK();
     vec_done_ = false;
     MBX_TRY_VEC(kVecBwdDc);
@@ -164,7 +166,7 @@ cudaError_t dw_bwd_launch(const ConvLaunch& p, cudaStream_t stream) {
       MBX_LAUNCH_CHECK();
     }
     const int nw = KS * KS * p.C;
-    MBX_DISPATCH_ACC(p.dtype, dweight_finalize_kernel<A, KS><<<(nw + 255) / 256, 256, 0, stream>>>(p));
+    MBX_DISPATCH_ACC(p.dtype, dweight_finalize_kernel<A, KS><<<finalize_grid(nw), finalize_block(), 0, stream>>>(p));
     MBX_LAUNCH_CHECK();
     vec_done_ = false;
     MBX_TRY_VEC(kVecDx);

@@ -30,12 +30,23 @@ cudaError_t run_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) 
   const Strip<T, K, S> src(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad);
   switch (stage) {
     case kVecApply:
+      if constexpr (K == 3) {  // measured variants (vec_apply_grid's knobs)
+        if (env_int("MOBILENET_EXT_VEC_OCC", 1) >= 3) {
+          vec_apply_kernel<T, Strip<T, K, S>, 3><<<vec_apply_grid(g, src), block, 0, stream>>>(a, src);
+          break;
+        }
+        if (env_int("MOBILENET_EXT_VEC_R", kDwR) == 2) {
+          const DwStrip<T, K, S, 2> src2(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad);
+          vec_apply_kernel<T><<<vec_apply_grid(g, src2), block, 0, stream>>>(a, src2);
+          break;
+        }
+      }
       vec_apply_kernel<T><<<vec_apply_grid(g, src), block, 0, stream>>>(a, src);
       break;
     case kVecStats:
       vec_stats_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
       MBX_LAUNCH_CHECK();
-      stats_finalize_kernel<float><<<(p.C + 127) / 128, 128, 0, stream>>>(p);
+      stats_finalize_kernel<float><<<finalize_grid(p.C), finalize_block(), 0, stream>>>(p);
       break;
     case kVecBwdSums:
       vec_bwd_sums_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);

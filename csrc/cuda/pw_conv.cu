@@ -45,7 +45,7 @@ cudaError_t pw_vec_stage(VecStage stage, const ConvLaunch& p, cudaStream_t strea
     case kVecStats:
       vec_stats_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
       MBX_LAUNCH_CHECK();
-      stats_finalize_kernel<float><<<(p.C + 127) / 128, 128, 0, stream>>>(p);
+      stats_finalize_kernel<float><<<finalize_grid(p.C), finalize_block(), 0, stream>>>(p);
       break;
     case kVecBwdSums:
       vec_bwd_sums_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
@@ -100,7 +100,7 @@ cudaError_t pw_bwd_launch(const ConvLaunch& p, cudaStream_t stream) {
   cudaError_t vec = pw_vec_launch(kVecBwdSums, p, stream);
   if (vec == cudaErrorNotSupported) return launch_bwd_epilogue<BufSrc>(p, stream);
   if (vec != cudaSuccess) return vec;
-  bwd_finalize_kernel<float><<<(p.C + 127) / 128, 128, 0, stream>>>(p);
+  bwd_finalize_kernel<float><<<finalize_grid(p.C), finalize_block(), 0, stream>>>(p);
   MBX_LAUNCH_CHECK();
   vec = pw_vec_launch(kVecBwdDc, p, stream);
   if (vec != cudaErrorNotSupported) return vec;

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "epilogue.cuh"
 
@@ -259,8 +260,10 @@ __device__ __forceinline__ void block_sum_y_vec(float (&v)[V], float* smem) {
 }
 
 // y = act(conv * scale + shift) (+ residual); no BN when a.scale is null.
-template <typename T, class Src>
-__global__ void __launch_bounds__(kVecThreads) vec_apply_kernel(const VecArgs a, const Src src) {
+// kMinBlocks > 1 caps the registers so that many blocks fit on an SM (occupancy).
+template <typename T, class Src, int kMinBlocks = 1>
+__global__ void __launch_bounds__(kVecThreads, kMinBlocks)
+    vec_apply_kernel(const VecArgs a, const Src src) {
   constexpr int V = Src::V, R = Src::kR;
   const int cg = blockIdx.x * blockDim.x + threadIdx.x;
   if (cg * V >= a.C) return;  // no block-level sync in this kernel
@@ -506,10 +509,23 @@ inline VecArgs vec_args(const ConvLaunch& p) {
   return a;
 }
 
-// One thread per item: no loop unless the grid's 65535 rows run out.
+// Tuning knobs of the apply kernels, read at every launch (for measuring; the
+// defaults are the measured best): MOBILENET_EXT_VEC_ITEMS items per thread
+// (default 1), MOBILENET_EXT_VEC_OCC blocks per SM the registers must allow
+// (default 1: no cap; the depthwise K=3 kernels also have a 3-block variant),
+// MOBILENET_EXT_VEC_R=2 strips of 2 output columns (depthwise K=3; default 4).
+inline int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  const int n = v != nullptr ? std::atoi(v) : 0;
+  return n > 0 ? n : fallback;
+}
+
+// `items_per_thread` items per thread: no loop beyond that unless the grid's 65535
+// rows run out.
 template <typename Src>
 dim3 vec_apply_grid(const VecGrid& g, const Src& src) {
-  const int64_t rows = (int64_t(src.items) + g.by - 1) / g.by;
+  const int64_t per_row = int64_t(g.by) * env_int("MOBILENET_EXT_VEC_ITEMS", 1);
+  const int64_t rows = (int64_t(src.items) + per_row - 1) / per_row;
   return dim3(g.gx, static_cast<unsigned>(rows < 1 ? 1 : (rows > 65535 ? 65535 : rows)));
 }
 
