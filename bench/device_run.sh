@@ -31,15 +31,15 @@ fi
 # alone and synchronous first, so it cannot poison the rest and its traceback names the op
 step misaligned 40 env CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -q -p no:cacheprovider -x -rf \
   "tests/test_vec_paths.py::test_pw_paths[case2-dtype0-False-False-1-True]"
-step tests_cuda 130 $PY -m pytest -q -p no:cacheprovider -m gpu -rf tests/test_vec_paths.py \
-  tests/test_dw_conv.py tests/test_pw_conv.py
-step sweep 60 bash -c "$PY -m bench.sweep --op dw --mode infer --setting MOBILENET_EXT_VEC=0 \
---setting MOBILENET_EXT_VEC_ITEMS=2 --setting MOBILENET_EXT_VEC_ITEMS=4 \
---setting MOBILENET_EXT_VEC_OCC=3 --setting MOBILENET_EXT_VEC_R=2 && \
-$PY -m bench.sweep --op dw --mode train --setting MOBILENET_EXT_VEC=0 --repeats 15 && \
-$PY -m bench.sweep --op pw --mode train --setting MOBILENET_EXT_VEC=0 --repeats 15"
 step bench 130 $PY -m bench --op all --mode both --providers eager,folded,ours --batch 128 \
   --repeats 20 --warmup 3 --json "$OUT/bench.json" --plot "$OUT/bench.png"
+step tests_cuda 110 $PY -m pytest -q -p no:cacheprovider -m gpu -rf tests/test_vec_paths.py \
+  tests/test_dw_conv.py tests/test_pw_conv.py
+step sweep 50 bash -c "$PY -m bench.sweep --op dw --mode infer --setting MOBILENET_EXT_VEC=0 \
+--setting MOBILENET_EXT_VEC_ITEMS=2 --setting MOBILENET_EXT_VEC_ITEMS=4 \
+--setting MOBILENET_EXT_VEC_OCC=3 --setting MOBILENET_EXT_VEC_R=2 && \
+$PY -m bench.sweep --op dw --mode train --setting MOBILENET_EXT_VEC=0 --setting MOBILENET_EXT_DW_SPLIT=1 --repeats 15 && \
+$PY -m bench.sweep --op pw --mode train --setting MOBILENET_EXT_VEC=0 --repeats 15"
 step profile 30 bash -c "$PY -m bench.profile --op dw --mode train --steps 3 \
 --layer '144@56x56 s1' && $PY -m bench.profile --op pw --mode train --steps 3 --layer \
 'expand 24->144@56x56'"

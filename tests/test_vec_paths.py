@@ -174,3 +174,19 @@ def test_pw_eval_path_choice(monkeypatch, cin, cout, fused):
         y64 = reference.pw_fwd(*as64(x, weight, g, b, rm, rv, r), False, 1e-5, "relu6")[0]
         eager = reference.pw_fwd(x, weight, g, b, rm, rv, r, False, 1e-5, "relu6")[0]
         check_close(y, eager, y64, factor=2)
+
+
+@pytest.mark.parametrize("knobs", [{"MOBILENET_EXT_DW_SPLIT": "1"},
+                                   {"MOBILENET_EXT_VEC_ITEMS": "3"},
+                                   {"MOBILENET_EXT_VEC_OCC": "3"},
+                                   {"MOBILENET_EXT_VEC_R": "2"}], ids=lambda k: next(iter(k)))
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [c for c in DW_CASES if c[4] == 3])
+def test_dw_knobs(monkeypatch, case, dtype, training, knobs):
+    """The measured variants behind the tuning knobs (backward with dc and dweight in
+    two kernels, several strips per thread, the register-capped and the 2-column
+    apply kernels) give the same results as the defaults."""
+    for k, v in knobs.items():
+        monkeypatch.setenv(k, v)
+    test_dw_paths(monkeypatch, case, dtype, training, "1", False)

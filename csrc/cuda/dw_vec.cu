@@ -53,20 +53,32 @@ cudaError_t run_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) 
       break;
     case kVecBwdDc:
       // K*K*V weight-gradient accumulators per thread: registers for K == 3 only
-      if constexpr (K != 3) return cudaErrorNotSupported;
-      else vec_bwd_dc_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
+      if constexpr (K != 3) {
+        return cudaErrorNotSupported;
+      } else if (env_int("MOBILENET_EXT_DW_SPLIT", 0) == 1) {  // measured variant
+        vec_bwd_dc_kernel<T><<<reduce_grid, block, 0, stream>>>(a, NoTaps<Strip<T, K, S>>(src));
+        MBX_LAUNCH_CHECK();
+        vec_dweight_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
+      } else {
+        vec_bwd_dc_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
+      }
       break;
     case kVecDx:
-      // stride 1: dx = conv(dc, taps reversed, pad K-1-pad), no BN, no activation
-      if constexpr (S != 1) {
-        return cudaErrorNotSupported;
-      } else {
-        if (p.pad > K - 1) return cudaErrorNotSupported;
-        a.scale = a.shift = nullptr;
-        a.residual = nullptr;
-        a.y = p.dx;
-        const Strip<T, K, 1> tsrc(p.dc, p.wt_flip, p.N, p.C, p.Ho, p.Wo, p.H, p.W, K - 1 - p.pad);
-        vec_apply_kernel<T><<<vec_apply_grid(g, tsrc), block, 0, stream>>>(a, tsrc);
+      a.scale = a.shift = nullptr;  // dx: a conv of dc, no BN, no activation
+      a.residual = nullptr;
+      a.y = p.dx;
+      if constexpr (S == 1) {
+        if (p.pad <= K - 1) {  // a conv of dc with the taps reversed and padding K-1-pad
+          const Strip<T, K, 1> tsrc(p.dc, p.wt_flip, p.N, p.C, p.Ho, p.Wo, p.H, p.W,
+                                    K - 1 - p.pad);
+          vec_apply_kernel<T><<<vec_apply_grid(g, tsrc), block, 0, stream>>>(a, tsrc);
+          break;
+        }
+      }
+      {
+        const DwGatherStrip<T, K, S, kDwR> gsrc(p.dc, p.wt, p.N, p.C, p.Ho, p.Wo, p.H, p.W,
+                                                p.pad);
+        vec_apply_kernel<T><<<vec_apply_grid(g, gsrc), block, 0, stream>>>(a, gsrc);
       }
       break;
     default:
@@ -105,7 +117,8 @@ int dw_vec_chunks(const ConvLaunch& p) {
 }
 
 cudaError_t dw_vec_launch(VecStage stage, const ConvLaunch& p, cudaStream_t stream) {
-  if (!dw_vec_geometry(p) || p.wt == nullptr || (stage == kVecDx && p.wt_flip == nullptr) ||
+  if (!dw_vec_geometry(p) || p.wt == nullptr ||
+      (stage == kVecDx && p.stride == 1 && p.wt_flip == nullptr) ||
       !vec_aligned({p.x, p.wt, p.wt_flip, p.y, p.dy, p.dc, p.dx, p.scale, p.shift, p.mean,
                     p.coef}))
     return cudaErrorNotSupported;

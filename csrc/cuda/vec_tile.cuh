@@ -200,6 +200,75 @@ struct DwStrip {
   }
 };
 
+// The depthwise conv's input gradient for a strip of R input columns, as a gather
+// over the output gradient dc (N, Hout, Wout, C) with the weights (K*K, C):
+// dx(n, h, w) = sum over taps (i, j) with h + pad - i = ho*S, w + pad - j = wo*S
+// inside dc of dc(n, ho, wo) * w(i, j). Any stride; the forward-shaped DwStrip
+// with reversed taps is cheaper at stride 1. Hin/Win: dc's size; Hout/Wout: dx's.
+template <typename T, int K, int S, int R>
+struct DwGatherStrip {
+  static constexpr int V = Vec<T>::V, kR = R, kTaps = 0;
+  const T* dc;
+  const T* wt;
+  int C, Hin, Win, Hout, Wout, pad, wblocks, items;
+
+  __host__ DwGatherStrip(const void* dc_, const void* wt_, int N, int C_, int Hin_, int Win_,
+                         int Hout_, int Wout_, int pad_)
+      : dc(static_cast<const T*>(dc_)), wt(static_cast<const T*>(wt_)), C(C_), Hin(Hin_),
+        Win(Win_), Hout(Hout_), Wout(Wout_), pad(pad_) {
+    wblocks = (Wout + R - 1) / R;
+    items = N * Hout * wblocks;
+  }
+  __device__ __forceinline__ int nvalid(int item) const {
+    const int w0 = (item % wblocks) * R;
+    return Wout - w0 < R ? Wout - w0 : R;
+  }
+  __device__ __forceinline__ int64_t pix0(int item) const {
+    return int64_t(item / wblocks) * Wout + (item % wblocks) * R;
+  }
+  __device__ __forceinline__ void conv(int item, int c0, float (&out)[R][V]) const {
+    const int row = item / wblocks, w0 = (item % wblocks) * R;
+    const int h = row % Hout, n = row / Hout;
+    const T* db = dc + int64_t(n) * Hin * Win * C + c0;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int v = 0; v < V; ++v) out[r][v] = 0.f;
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      const int hn = h + pad - i;
+      if (hn < 0 || hn % S != 0 || hn / S >= Hin) continue;
+      const T* dr = db + int64_t(hn / S) * Win * C;
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        float wv[V];
+        bool loaded = false;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const int wn = w0 + r + pad - j;
+          if (wn < 0 || wn % S != 0 || wn / S >= Win) continue;
+          if (!loaded) {
+            vload<V>(wt + int64_t(i * K + j) * C + c0, wv);
+            loaded = true;
+          }
+          float dv[V];
+          vload<V>(dr + int64_t(wn / S) * C, dv);
+#pragma unroll
+          for (int v = 0; v < V; ++v) out[r][v] += wv[v] * dv[v];
+        }
+      }
+    }
+  }
+};
+
+// A source with its weight-gradient taps hidden: vec_bwd_dc_kernel then writes dc
+// only (the depthwise backward's split variant, vec_dweight_kernel does the taps).
+template <class Src>
+struct NoTaps : Src {
+  static constexpr int kTaps = 0;
+  __host__ explicit NoTaps(const Src& s) : Src(s) {}
+};
+
 // The pointwise conv output read from the GEMM result (P, C): in T, or in float
 // when `acc` (the backward's recomputed conv).
 template <typename T, int R>
@@ -480,6 +549,49 @@ __global__ void __launch_bounds__(kVecThreads) vec_bwd_dc_kernel(const VecArgs a
 #pragma unroll
         for (int v = 0; v < V; ++v) part[c0 + v] = dw[t][v];
       }
+    }
+  }
+}
+
+// The depthwise weight gradient from the stored dc: partials [chunk][tap][C] of
+// sum over pixels of dc * x(tap) (the split variant of vec_bwd_dc_kernel's taps:
+// fewer registers per thread, one more read of dc and x).
+template <typename T, class Src>
+__global__ void __launch_bounds__(kVecThreads) vec_dweight_kernel(const VecArgs a, const Src src) {
+  constexpr int V = Src::V, R = Src::kR, kTaps = Src::kTaps;
+  __shared__ float smem[kVecThreads * V];
+  const int cg = blockIdx.x * blockDim.x + threadIdx.x, c0 = cg * V;
+  float dw[kTaps][V];
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t)
+#pragma unroll
+    for (int v = 0; v < V; ++v) dw[t][v] = 0.f;
+  if (c0 < a.C) {
+    const T* dc = static_cast<const T*>(a.dc);
+    for (int item = blockIdx.y * blockDim.y + threadIdx.y; item < src.items;
+         item += gridDim.y * blockDim.y) {
+      const int nv = src.nvalid(item);
+      const int64_t base = src.pix0(item) * a.C + c0;
+      float g[R][V];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r < nv) {
+          vload<V>(dc + base + int64_t(r) * a.C, g[r]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) g[r][v] = 0.f;
+        }
+      }
+      src.accumulate_taps(item, c0, nv, g, dw);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t) {
+    block_sum_y_vec<V>(dw[t], smem);
+    if (threadIdx.y == 0 && c0 < a.C) {
+      float* part = a.part + (int64_t(blockIdx.y) * kTaps + t) * a.C;
+#pragma unroll
+      for (int v = 0; v < V; ++v) part[c0 + v] = dw[t][v];
     }
   }
 }
