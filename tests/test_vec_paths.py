@@ -138,8 +138,8 @@ def test_dw_unread_column_inf(dtype):
     dy = torch.randn(n, c, 3, 3, device="cuda").contiguous(memory_format=torch.channels_last)
 
     def ours(x, w, g, b):  # x with inf in the unread column (its gradient there is 0)
-        x_inf = x.masked_fill(unread, float("inf"))
-        assert x_inf.is_contiguous(memory_format=torch.channels_last)
+        x_inf = x.masked_fill(unread, float("inf")).contiguous(
+            memory_format=torch.channels_last)  # masked_fill with a broadcast mask: NCHW
         return op.dw_fwd(x_inf, w, g, b, rm, rv, s, 0, 1, True, 1e-5, "relu6")[0]
 
     def ref(x, w, g, b):  # the reference never sees the inf (its conv may read every column)
@@ -177,16 +177,18 @@ def test_pw_eval_path_choice(monkeypatch, cin, cout, fused):
 
 
 @pytest.mark.parametrize("knobs", [{"MOBILENET_EXT_DW_SPLIT": "1"},
+                                   {"MOBILENET_EXT_DW_SPLIT": "0"},
                                    {"MOBILENET_EXT_VEC_ITEMS": "3"},
-                                   {"MOBILENET_EXT_VEC_OCC": "3"},
-                                   {"MOBILENET_EXT_VEC_R": "2"}], ids=lambda k: next(iter(k)))
+                                   {"MOBILENET_EXT_VEC_OCC": "1"},
+                                   {"MOBILENET_EXT_VEC_R": "2"}],
+                         ids=lambda k: "=".join(next(iter(k.items()))))
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", [c for c in DW_CASES if c[4] == 3])
 def test_dw_knobs(monkeypatch, case, dtype, training, knobs):
-    """The measured variants behind the tuning knobs (backward with dc and dweight in
-    two kernels, several strips per thread, the register-capped and the 2-column
-    apply kernels) give the same results as the defaults."""
+    """The variants behind the tuning knobs (backward with dc and dweight in two kernels
+    or one, several strips per thread, the apply kernels without the register cap and
+    with 2-column strips) give the same results as the defaults."""
     for k, v in knobs.items():
         monkeypatch.setenv(k, v)
     test_dw_paths(monkeypatch, case, dtype, training, "1", False)

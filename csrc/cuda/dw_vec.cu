@@ -30,14 +30,14 @@ cudaError_t run_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) 
   const Strip<T, K, S> src(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad);
   switch (stage) {
     case kVecApply:
-      if constexpr (K == 3) {  // measured variants (vec_apply_grid's knobs)
-        if (env_int("MOBILENET_EXT_VEC_OCC", 1) >= 3) {
-          vec_apply_kernel<T, Strip<T, K, S>, 3><<<vec_apply_grid(g, src), block, 0, stream>>>(a, src);
-          break;
-        }
+      if constexpr (K == 3) {  // the measured variants (knobs: vec_tile.cuh, env_int)
         if (env_int("MOBILENET_EXT_VEC_R", kDwR) == 2) {
           const DwStrip<T, K, S, 2> src2(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad);
           vec_apply_kernel<T><<<vec_apply_grid(g, src2), block, 0, stream>>>(a, src2);
+          break;
+        }
+        if (env_int("MOBILENET_EXT_VEC_OCC", 3) >= 3) {
+          vec_apply_kernel<T, Strip<T, K, S>, 3><<<vec_apply_grid(g, src), block, 0, stream>>>(a, src);
           break;
         }
       }
@@ -55,7 +55,7 @@ cudaError_t run_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) 
       // K*K*V weight-gradient accumulators per thread: registers for K == 3 only
       if constexpr (K != 3) {
         return cudaErrorNotSupported;
-      } else if (env_int("MOBILENET_EXT_DW_SPLIT", 0) == 1) {  // measured variant
+      } else if (env_int("MOBILENET_EXT_DW_SPLIT", S == 1 ? 1 : 0) == 1) {
         vec_bwd_dc_kernel<T><<<reduce_grid, block, 0, stream>>>(a, NoTaps<Strip<T, K, S>>(src));
         MBX_LAUNCH_CHECK();
         vec_dweight_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);

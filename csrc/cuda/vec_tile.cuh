@@ -621,22 +621,30 @@ inline VecArgs vec_args(const ConvLaunch& p) {
   return a;
 }
 
-// Tuning knobs of the apply kernels, read at every launch (for measuring; the
-// defaults are the measured best): MOBILENET_EXT_VEC_ITEMS items per thread
-// (default 1), MOBILENET_EXT_VEC_OCC blocks per SM the registers must allow
-// (default 1: no cap; the depthwise K=3 kernels also have a 3-block variant),
-// MOBILENET_EXT_VEC_R=2 strips of 2 output columns (depthwise K=3; default 4).
+// Tuning knobs, read at every launch so that one process can compare the variants
+// (python -m bench.sweep); the defaults are what GPU run 3 measured best on the H200:
+// - MOBILENET_EXT_VEC_ITEMS: items per thread of the apply kernels (default 1; 2 and 4
+//   were within 3%).
+// - MOBILENET_EXT_VEC_OCC: 3 (default) runs the depthwise K=3 apply kernels capped at
+//   80 registers, 3 blocks per SM (they spill ~216 B, and still measured 6-10% faster
+//   than uncapped at 117 registers, 2 blocks per SM); 1 turns the cap off.
+// - MOBILENET_EXT_VEC_R=2: depthwise K=3 strips of 2 output columns (default 4; 2
+//   measured 4-18% slower).
+// - MOBILENET_EXT_DW_SPLIT: 1 = depthwise backward dc and dweight in two kernels
+//   (default at stride 1: 6-7% faster), 0 = one kernel (default at stride 2, where the
+//   split measured 6% slower).
 inline int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
-  const int n = v != nullptr ? std::atoi(v) : 0;
-  return n > 0 ? n : fallback;
+  if (v == nullptr || *v == '\0') return fallback;
+  return std::atoi(v);
 }
 
 // `items_per_thread` items per thread: no loop beyond that unless the grid's 65535
 // rows run out.
 template <typename Src>
 dim3 vec_apply_grid(const VecGrid& g, const Src& src) {
-  const int64_t per_row = int64_t(g.by) * env_int("MOBILENET_EXT_VEC_ITEMS", 1);
+  const int items = env_int("MOBILENET_EXT_VEC_ITEMS", 1);
+  const int64_t per_row = int64_t(g.by) * (items > 0 ? items : 1);
   const int64_t rows = (int64_t(src.items) + per_row - 1) / per_row;
   return dim3(g.gx, static_cast<unsigned>(rows < 1 ? 1 : (rows > 65535 ? 65535 : rows)));
 }
