@@ -3,6 +3,11 @@
 // come first, with the default target; only this project's kernels below the
 // target pragma are compiled for the ISA, so no inline function of torch or the
 // standard library is ever emitted with instructions the CPU may lack.
+//
+// Each ISA is split in two translation units that compile in parallel (the
+// depthwise templates alone took most of a 3-minute compile): MBX_PART_DW=1 gives
+// dw_forward / dw_backward (kernels_<isa>_dw.cpp), otherwise the pointwise
+// epilogues and the table (kernels_<isa>.cpp).
 #ifndef MBX_ISA
 #error "define MBX_ISA before including kernels_impl.h"
 #endif
@@ -29,11 +34,24 @@
 
 #include "vec.h"
 #include "epilogue.h"
+
+#if defined(MBX_PART_DW) && MBX_PART_DW
 #include "dw_kernels.h"
+#else
 
 namespace mbx {
 namespace cpu {
 namespace MBX_ISA {
+
+// In kernels_<isa>_dw.cpp (dw_kernels.h).
+void dw_forward(const DwGeom& g, const at::Tensor& x, const at::Tensor& wt, bool training,
+                const at::Tensor& bn_weight, const at::Tensor& bn_bias, at::Tensor& mean,
+                at::Tensor& invstd, double eps, at::Tensor& y);
+void dw_backward(const DwGeom& g, const at::Tensor& dy, const at::Tensor& x,
+                 const at::Tensor& wt, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                 const at::Tensor& mean, const at::Tensor& invstd, bool training, at::Tensor& dx,
+                 at::Tensor& dw_taps, at::Tensor& dgamma, at::Tensor& dbeta);
+
 namespace {
 
 void pw_forward(const PwGeom& g, const at::Tensor& conv, bool training, double eps,
@@ -83,6 +101,8 @@ const Kernels* table() {
 }  // namespace MBX_ISA
 }  // namespace cpu
 }  // namespace mbx
+
+#endif  // MBX_PART_DW
 
 #ifdef MBX_ISA_AVX2
 #pragma GCC pop_options
