@@ -17,6 +17,15 @@ from . import dw, problem, pw
 OPS = {"dw": (dw.OP, dw.Fused), "pw": (pw.OP, pw.Fused)}
 
 
+def cuda_fp16_cl(parser: argparse.ArgumentParser) -> tuple:
+    """The GPU setting of these aids (bench.profile, bench.sweep): (device, dtype, memory
+    format), cuDNN autotuning on as in bench; a parser error without a GPU."""
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    torch.backends.cudnn.benchmark = True
+    return torch.device("cuda"), torch.float16, torch.channels_last
+
+
 def kernel_table(step, args, steps: int, top: int) -> str:
     for _ in range(3):
         step(*args)
@@ -45,11 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=8)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA GPU")
-    torch.backends.cudnn.benchmark = True
+    dev, dtype, fmt = cuda_fp16_cl(p)
     op, fused = OPS[args.op]
-    dev, dtype, fmt = torch.device("cuda"), torch.float16, torch.channels_last
     layers = [lay for lay in op.layers() if lay.net == "v2"
               and (args.layer is None or lay.name == args.layer)]
     if not layers:

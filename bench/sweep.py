@@ -15,9 +15,8 @@ import os
 
 import torch
 
-from . import core, dw, problem, pw
-
-OPS = {"dw": (dw.OP, dw.Fused), "pw": (pw.OP, pw.Fused)}
+from . import core, problem
+from .profile import OPS, cuda_fp16_cl
 DEFAULT_LAYERS = {"dw": ("32@112x112 s1", "96@112x112 s2", "144@56x56 s1", "576@14x14 s1"),
                   "pw": ("expand 24->144@56x56", "project 144->24@56x56 +res")}
 
@@ -31,11 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=30)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA GPU")
-    torch.backends.cudnn.benchmark = True
+    dev, dtype, fmt = cuda_fp16_cl(p)
     op, fused = OPS[args.op]
-    dev, dtype, fmt = torch.device("cuda"), torch.float16, torch.channels_last
     names = args.layer or DEFAULT_LAYERS[args.op]
     settings = [("default", {})] + [
         (s, dict(kv.split("=", 1) for kv in s.split(","))) for s in args.setting]

@@ -33,36 +33,26 @@ cudaError_t run_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) 
       if constexpr (K == 3) {  // the measured variants (knobs: vec_tile.cuh, env_int)
         if (env_int("MOBILENET_EXT_VEC_R", kDwR) == 2) {
           const DwStrip<T, K, S, 2> src2(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad);
-          vec_apply_kernel<T><<<vec_apply_grid(g, src2), block, 0, stream>>>(a, src2);
-          break;
+          return vec_launch_apply<T>(p, a, src2, stream);
         }
         if (env_int("MOBILENET_EXT_VEC_OCC", 3) >= 3) {
           vec_apply_kernel<T, Strip<T, K, S>, 3><<<vec_apply_grid(g, src), block, 0, stream>>>(a, src);
           break;
         }
       }
-      vec_apply_kernel<T><<<vec_apply_grid(g, src), block, 0, stream>>>(a, src);
-      break;
-    case kVecStats:
-      vec_stats_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
-      MBX_LAUNCH_CHECK();
-      stats_finalize_kernel<float><<<finalize_grid(p.C), finalize_block(), 0, stream>>>(p);
-      break;
-    case kVecBwdSums:
-      vec_bwd_sums_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
-      break;
+      return vec_launch_apply<T>(p, a, src, stream);
     case kVecBwdDc:
       // K*K*V weight-gradient accumulators per thread: registers for K == 3 only
       if constexpr (K != 3) {
         return cudaErrorNotSupported;
       } else if (env_int("MOBILENET_EXT_DW_SPLIT", S == 1 ? 1 : 0) == 1) {
-        vec_bwd_dc_kernel<T><<<reduce_grid, block, 0, stream>>>(a, NoTaps<Strip<T, K, S>>(src));
-        MBX_LAUNCH_CHECK();
+        const cudaError_t err = vec_launch_dc<T>(p, a, NoTaps<Strip<T, K, S>>(src), stream);
+        if (err != cudaSuccess) return err;
         vec_dweight_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
+        break;
       } else {
-        vec_bwd_dc_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
+        return vec_launch_dc<T>(p, a, src, stream);
       }
-      break;
     case kVecDx:
       a.scale = a.shift = nullptr;  // dx: a conv of dc, no BN, no activation
       a.residual = nullptr;
@@ -71,18 +61,14 @@ cudaError_t run_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) 
         if (p.pad <= K - 1) {  // a conv of dc with the taps reversed and padding K-1-pad
           const Strip<T, K, 1> tsrc(p.dc, p.wt_flip, p.N, p.C, p.Ho, p.Wo, p.H, p.W,
                                     K - 1 - p.pad);
-          vec_apply_kernel<T><<<vec_apply_grid(g, tsrc), block, 0, stream>>>(a, tsrc);
-          break;
+          return vec_launch_apply<T>(p, a, tsrc, stream);
         }
       }
-      {
-        const DwGatherStrip<T, K, S, kDwR> gsrc(p.dc, p.wt, p.N, p.C, p.Ho, p.Wo, p.H, p.W,
-                                                p.pad);
-        vec_apply_kernel<T><<<vec_apply_grid(g, gsrc), block, 0, stream>>>(a, gsrc);
-      }
-      break;
+      return vec_launch_apply<T>(
+          p, a, DwGatherStrip<T, K, S, kDwR>(p.dc, p.wt, p.N, p.C, p.Ho, p.Wo, p.H, p.W, p.pad),
+          stream);
     default:
-      return cudaErrorInvalidValue;
+      return vec_launch_stage<T>(stage, p, a, src, stream);
   }
   MBX_LAUNCH_CHECK();
   return cudaSuccess;

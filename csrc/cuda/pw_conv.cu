@@ -34,30 +34,9 @@ bool pw_vec_geometry(const ConvLaunch& p) {
 
 template <typename T>
 cudaError_t pw_vec_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) {
-  const VecArgs a = vec_args(p);
-  const VecGrid g = VecGrid::make(p.C, Vec<T>::V);
-  const dim3 block(g.bx, g.by), reduce_grid(g.gx, p.chunks);
   const BufStrip<T, kPwR> src(p.conv, p.conv_acc, p.C, int64_t(p.N) * p.Ho * p.Wo);
-  switch (stage) {
-    case kVecApply:
-      vec_apply_kernel<T><<<vec_apply_grid(g, src), block, 0, stream>>>(a, src);
-      break;
-    case kVecStats:
-      vec_stats_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
-      MBX_LAUNCH_CHECK();
-      stats_finalize_kernel<float><<<finalize_grid(p.C), finalize_block(), 0, stream>>>(p);
-      break;
-    case kVecBwdSums:
-      vec_bwd_sums_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
-      break;
-    case kVecBwdDc:
-      vec_bwd_dc_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
-      break;
-    default:
-      return cudaErrorNotSupported;
-  }
-  MBX_LAUNCH_CHECK();
-  return cudaSuccess;
+  if (stage == kVecBwdDc) return vec_launch_dc<T>(p, vec_args(p), src, stream);
+  return vec_launch_stage<T>(stage, p, vec_args(p), src, stream);
 }
 
 // The vector path where it applies, else cudaErrorNotSupported.

@@ -107,16 +107,19 @@ struct VecArgs {
 // The depthwise conv of a strip of R output columns, from x (N, Hin, Win, C)
 // and weights transposed to (K*K, C): out(n, ho, wo) = sum over taps (i, j)
 // of x(n, ho*S - pad + i, wo*S - pad + j) * w(i, j), zero outside x.
-template <typename T, int K, int S, int R>
-struct DwStrip {
-  static constexpr int V = Vec<T>::V, kR = R, kTaps = K * K, kCols = (R - 1) * S + K;
-  const T* x;
+// The items of the depthwise sources: strips of R adjacent columns of an output
+// (N, Hout, Wout, C) computed from an input (N, Hin, Win, C) of T with the weights
+// (K*K, C); item = (n * Hout + row) * wblocks + strip.
+template <typename T, int R>
+struct RowStrips {
+  static constexpr int V = Vec<T>::V, kR = R;
+  const T* in;
   const T* wt;
   int C, Hin, Win, Hout, Wout, pad, wblocks, items;
 
-  __host__ DwStrip(const void* x_, const void* wt_, int N, int C_, int Hin_, int Win_, int Hout_,
-                   int Wout_, int pad_)
-      : x(static_cast<const T*>(x_)), wt(static_cast<const T*>(wt_)), C(C_), Hin(Hin_),
+  __host__ RowStrips(const void* in_, const void* wt_, int N, int C_, int Hin_, int Win_,
+                     int Hout_, int Wout_, int pad_)
+      : in(static_cast<const T*>(in_)), wt(static_cast<const T*>(wt_)), C(C_), Hin(Hin_),
         Win(Win_), Hout(Hout_), Wout(Wout_), pad(pad_) {
     wblocks = (Wout + R - 1) / R;
     items = N * Hout * wblocks;
@@ -130,16 +133,25 @@ struct DwStrip {
     const int row = item / wblocks;  // n * Hout + ho
     return int64_t(row) * Wout + (item % wblocks) * R;
   }
+};
+
+template <typename T, int K, int S, int R>
+struct DwStrip : RowStrips<T, R> {
+  using Base = RowStrips<T, R>;
+  using Base::Base;
+  using Base::V;
+  static constexpr int kTaps = K * K, kCols = (R - 1) * S + K;
 
   // For every kernel row i inside x: row(i), then col(i, col, x values) for every
   // strip input column col inside x (taps in the padding contribute zero).
   template <typename RowF, typename ColF>
   __device__ __forceinline__ void for_inputs(int item, int c0, RowF&& row_fn,
                                              ColF&& col_fn) const {
-    const int row = item / wblocks, wb = item % wblocks;
-    const int ho = row % Hout, n = row / Hout;
-    const int hi0 = ho * S - pad, wi0 = wb * R * S - pad;
-    const T* xb = x + int64_t(n) * Hin * Win * C + c0;
+    const int row = item / this->wblocks, wb = item % this->wblocks;
+    const int ho = row % this->Hout, n = row / this->Hout;
+    const int Hin = this->Hin, Win = this->Win, C = this->C;
+    const int hi0 = ho * S - this->pad, wi0 = wb * R * S - this->pad;
+    const T* xb = this->in + int64_t(n) * Hin * Win * C + c0;
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       const int hi = hi0 + i;
@@ -167,7 +179,8 @@ struct DwStrip {
         item, c0,
         [&](int i) {
 #pragma unroll
-          for (int j = 0; j < K; ++j) vload<V>(wt + int64_t(i * K + j) * C + c0, wrow[j]);
+          for (int j = 0; j < K; ++j)
+            vload<V>(this->wt + int64_t(i * K + j) * this->C + c0, wrow[j]);
         },
         [&](int, int col, const float (&xv)[V]) {
 #pragma unroll
@@ -206,30 +219,18 @@ struct DwStrip {
 // inside dc of dc(n, ho, wo) * w(i, j). Any stride; the forward-shaped DwStrip
 // with reversed taps is cheaper at stride 1. Hin/Win: dc's size; Hout/Wout: dx's.
 template <typename T, int K, int S, int R>
-struct DwGatherStrip {
-  static constexpr int V = Vec<T>::V, kR = R, kTaps = 0;
-  const T* dc;
-  const T* wt;
-  int C, Hin, Win, Hout, Wout, pad, wblocks, items;
+struct DwGatherStrip : RowStrips<T, R> {
+  using Base = RowStrips<T, R>;
+  using Base::Base;
+  using Base::V;
+  static constexpr int kTaps = 0;
 
-  __host__ DwGatherStrip(const void* dc_, const void* wt_, int N, int C_, int Hin_, int Win_,
-                         int Hout_, int Wout_, int pad_)
-      : dc(static_cast<const T*>(dc_)), wt(static_cast<const T*>(wt_)), C(C_), Hin(Hin_),
-        Win(Win_), Hout(Hout_), Wout(Wout_), pad(pad_) {
-    wblocks = (Wout + R - 1) / R;
-    items = N * Hout * wblocks;
-  }
-  __device__ __forceinline__ int nvalid(int item) const {
-    const int w0 = (item % wblocks) * R;
-    return Wout - w0 < R ? Wout - w0 : R;
-  }
-  __device__ __forceinline__ int64_t pix0(int item) const {
-    return int64_t(item / wblocks) * Wout + (item % wblocks) * R;
-  }
   __device__ __forceinline__ void conv(int item, int c0, float (&out)[R][V]) const {
-    const int row = item / wblocks, w0 = (item % wblocks) * R;
-    const int h = row % Hout, n = row / Hout;
-    const T* db = dc + int64_t(n) * Hin * Win * C + c0;
+    const int Hin = this->Hin, Win = this->Win, C = this->C, pad = this->pad;
+    const int row = item / this->wblocks, w0 = (item % this->wblocks) * R;
+    const int h = row % this->Hout, n = row / this->Hout;
+    const T* db = this->in + int64_t(n) * Hin * Win * C + c0;
+    const T* wt = this->wt;
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -647,6 +648,55 @@ dim3 vec_apply_grid(const VecGrid& g, const Src& src) {
   const int64_t per_row = int64_t(g.by) * (items > 0 ? items : 1);
   const int64_t rows = (int64_t(src.items) + per_row - 1) / per_row;
   return dim3(g.gx, static_cast<unsigned>(rows < 1 ? 1 : (rows > 65535 ? 65535 : rows)));
+}
+
+// The apply kernel over src (y = a.y), for p.C channels.
+template <typename T, class Src>
+cudaError_t vec_launch_apply(const ConvLaunch& p, const VecArgs& a, const Src& src,
+                             cudaStream_t stream) {
+  const VecGrid g = VecGrid::make(p.C, Vec<T>::V);
+  vec_apply_kernel<T><<<vec_apply_grid(g, src), dim3(g.bx, g.by), 0, stream>>>(a, src);
+  MBX_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+// The dc pass over src (with its weight-gradient taps when it has any): p.chunks
+// chunks. Not in vec_launch_stage's switch, so that only the sources whose taps fit in
+// registers instantiate it.
+template <typename T, class Src>
+cudaError_t vec_launch_dc(const ConvLaunch& p, const VecArgs& a, const Src& src,
+                          cudaStream_t stream) {
+  const VecGrid g = VecGrid::make(p.C, Vec<T>::V);
+  vec_bwd_dc_kernel<T><<<dim3(g.gx, p.chunks), dim3(g.bx, g.by), 0, stream>>>(a, src);
+  MBX_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+// The stages every source launches alike: apply, statistics + their finalize,
+// backward sums (the depthwise op's own variants are dispatched before, in
+// dw_vec.cu; dc is vec_launch_dc). a: the stage's arguments; grids from p.C and
+// p.chunks.
+template <typename T, class Src>
+cudaError_t vec_launch_stage(VecStage stage, const ConvLaunch& p, const VecArgs& a,
+                             const Src& src, cudaStream_t stream) {
+  const VecGrid g = VecGrid::make(p.C, Vec<T>::V);
+  const dim3 block(g.bx, g.by), reduce_grid(g.gx, p.chunks);
+  switch (stage) {
+    case kVecApply:
+      return vec_launch_apply<T>(p, a, src, stream);
+    case kVecStats:
+      vec_stats_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
+      MBX_LAUNCH_CHECK();
+      stats_finalize_kernel<float><<<finalize_grid(p.C), finalize_block(), 0, stream>>>(p);
+      break;
+    case kVecBwdSums:
+      vec_bwd_sums_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
+      break;
+    default:
+      return cudaErrorNotSupported;
+  }
+  MBX_LAUNCH_CHECK();
+  return cudaSuccess;
 }
 
 }  // namespace
