@@ -77,6 +77,25 @@ csrc = os.path.join(ROOT, "csrc")
 sources = [os.path.relpath(p, ROOT) for p in
            sorted(glob.glob(f"{csrc}/*.cpp")) + sorted(glob.glob(f"{csrc}/cpu/*.cpp"))]
 cxx_flags = ["-O3"]  # the C++ standard is the one torch requires (added by cpp_extension)
+
+
+def _openmp_flags():
+    """at::parallel_for is a header template: under torch's OpenMP backend its
+    `#pragma omp parallel` is compiled into this extension, and without the flag
+    every CPU kernel runs on one thread. Not linked against an OpenMP runtime: the
+    GOMP symbols bind to the one torch already loaded (a second runtime would
+    ignore torch.set_num_threads)."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return []
+    if sys.platform == "win32":
+        return ["/openmp"]
+    if sys.platform == "darwin":  # Apple clang: no -fopenmp; the kernels stay serial
+        print("mobilenet_ext: macOS build without OpenMP: the CPU kernels run on one thread")
+        return []
+    return ["-fopenmp"]
+
+
+cxx_flags += _openmp_flags()
 if with_cuda:
     sources += [os.path.relpath(p, ROOT) for p in
                 sorted(glob.glob(f"{csrc}/cuda/*.cpp")) + sorted(glob.glob(f"{csrc}/cuda/*.cu"))]

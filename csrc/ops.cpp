@@ -2,7 +2,12 @@
 // backend in cpu/*.cpp and cuda/*.cpp; fake kernels and autograd are registered
 // in mobilenet_ext/ops.py.
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
 
 extern "C" {
 // `from mobilenet_ext import _C` loads this library (and so runs the
@@ -13,7 +18,24 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace {
+
+// How many threads at::parallel_for really ran on. Under torch's OpenMP backend its
+// parallel region is a header template compiled into this extension: a build
+// without -fopenmp runs every CPU kernel on one thread, silently (setup.py adds the
+// flag; a test asks this function).
+int64_t parallel_threads() {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, int64_t(64) * at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    seen |= uint64_t(1) << std::min(at::get_thread_num(), 63);
+  });
+  return std::popcount(seen.load());
+}
+
+}  // namespace
+
 TORCH_LIBRARY(mobilenet_ext, m) {
+  m.def("_parallel_threads() -> int", &parallel_threads);
   // y = act(BN(depthwise_conv(x))). Returns (y, mean, invstd): the statistics
   // used to normalise (batch statistics when training, else the running ones),
   // in fp32 (fp64 for float64 x). Running buffers are updated by the caller.

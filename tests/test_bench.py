@@ -438,11 +438,15 @@ def test_readme_results_section_is_generated(tmp_path):
         (tmp_path / name).write_text(json.dumps(data))
     path, data = readme.newest(str(tmp_path))
     assert path.endswith("gpu.json")
+    assert readme.newest(str(tmp_path), gpu=False)[0].endswith("cpu.json")
     text = readme.render(path, data)
     assert "H100 (132 SMs)" in text and "| 8 | v2 | dw | infer | ours | 1.500 | 2.50x |" in text
+    both = readme.render_all(str(tmp_path))
+    assert both.index("H100 (132 SMs)") < both.index("CPU: From") and "2 threads" in both
+    assert "| 8 | v2 | dw | infer | ours | 1.500 | 1.25x |" in both
     (tmp_path / "gpu.json").unlink()
-    text = readme.render(*readme.newest(str(tmp_path)))
-    assert "CPU numbers (no GPU run committed yet)" in text
+    text = readme.render_all(str(tmp_path))
+    assert "No GPU run committed yet" in text and "CPU: From" in text
     doc = tmp_path / "README.md"
     doc.write_text(f"a\n{readme.BEGIN}\nold\n{readme.END}\nb\n")
     assert readme.main(["--readme", str(doc), "--results", str(tmp_path), "--check"]) == 1

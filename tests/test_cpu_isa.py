@@ -107,3 +107,51 @@ def test_bad_isa_value(monkeypatch):
     with pytest.raises(ValueError, match="MOBILENET_EXT_CPU_ISA"):
         op.dw_fwd(x, torch.randn(3, 1, 3, 3), torch.ones(3), torch.zeros(3), torch.zeros(3),
                   torch.ones(3), 1, 1, 1, False, 1e-5, "relu6")
+
+
+@pytest.fixture
+def threads():
+    """torch.set_num_threads for the test, restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_kernels_run_on_many_threads(threads):
+    """at::parallel_for's OpenMP region is compiled into the extension (setup.py's
+    -fopenmp): without the flag every CPU kernel silently ran on one thread."""
+    if not hasattr(op, "_parallel_threads"):
+        pytest.skip("the compiled extension is not built")
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's parallel backend is not OpenMP")
+    for n in (1, 3):
+        threads(n)
+        assert op._parallel_threads() == n
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("kind", ["dw", "pw"])
+def test_thread_count(isa, threads, kind, layout):
+    """Training forward and backward on 1 and 5 threads against the float64
+    reference: the per-thread partial sums (statistics, dgamma/dbeta, dweight) and
+    the row split must not race or drop rows at any thread count."""
+    torch.manual_seed(2)
+    n, c, h, w = 3, 21, 13, 11
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    co = c if kind == "dw" else 19
+    wt = torch.randn(co, 1, 3, 3, dtype=torch.float64) if kind == "dw" else torch.randn(
+        co, c, 1, 1, dtype=torch.float64)
+    g, b = torch.rand(co, dtype=torch.float64) + 0.5, torch.randn(co, dtype=torch.float64)
+    dy = torch.randn(n, co, h, w, dtype=torch.float64)
+    if kind == "dw":
+        ours_fn = lambda *a: op.dw_fwd(*a, None, None, 1, 1, 1, True, 1e-5, "relu6")[0]  # noqa: E731
+        ref_fn = lambda *a: reference.dw_fwd(*a, None, None, 1, 1, 1, True, 1e-5, "relu6")[0]  # noqa: E731
+    else:
+        ours_fn = lambda *a: op.pw_fwd(*a, None, None, None, True, 1e-5, "relu6")[0]  # noqa: E731
+        ref_fn = lambda *a: reference.pw_fwd(*a, None, None, None, True, 1e-5, "relu6")[0]  # noqa: E731
+    ref = _grads(ref_fn, (x, wt, g, b), dy)
+    for nt in (1, 5):
+        threads(nt)
+        _check(_grads(ours_fn, (x, wt, g, b), dy), ref, torch.float64)
