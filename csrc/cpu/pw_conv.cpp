@@ -1,8 +1,8 @@
 // CPU kernels of the fused pointwise (1x1) conv + BatchNorm + activation
-// (+ residual). The 1x1 conv is a GEMM (ATen's, i.e. MKL/oneDNN; pw_conv_gemm in
-// host.cpp) computed in the accumulation dtype straight into the layout of y. The
-// shared epilogue (epilogue.h, via cpu::kernels()) then does the BatchNorm,
-// activation, residual and cast in one pass.
+// (+ residual). The 1x1 conv is ATen's: oneDNN's convolution for channels_last
+// float32, else an MKL GEMM (pw_conv_gemm in host.cpp), in the accumulation dtype
+// and in the layout of y. The shared epilogue (epilogue.h, via cpu::kernels())
+// then does the BatchNorm, activation, residual and cast in one pass.
 //
 // Backward recomputes the conv output with one more GEMM instead of saving it:
 // the saved state stays x, weight and two per-channel vectors (eager PyTorch
@@ -17,6 +17,22 @@
 namespace mbx {
 namespace {
 
+// oneDNN's convolution instead of MKL's GEMM for the 1x1 conv: channels_last float32
+// only. There it was 1.3-1.45x faster on the MobileNetV2 layers (bench/NOTES.md);
+// on NCHW it was up to 8x slower, and fp64 has no oneDNN kernel.
+bool use_onednn(const PwGeom& g, at::ScalarType acc) {
+  return g.channels_last && acc == at::kFloat && at::globalContext().userEnabledMkldnn();
+}
+
+// The conv output in the accumulation dtype, a new tensor in x's layout (xa, w2
+// already in that dtype).
+at::Tensor conv1x1(const PwGeom& g, const at::Tensor& xa, const at::Tensor& weight,
+                   const at::Tensor& w2) {
+  if (use_onednn(g, xa.scalar_type()))
+    return at::conv2d(xa, weight.to(xa.scalar_type())).contiguous(g.format());
+  return pw_conv_gemm(g, xa, w2);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
@@ -26,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cpu(
                       training, act);
   const auto acc = acc_type(x_.scalar_type());
   auto x = x_.contiguous(g.format());
-  auto y = at::empty({g.N, g.Cout, g.H, g.W}, x.options().memory_format(g.format()));
+  const auto y_opts = x.options().memory_format(g.format());
   at::Tensor mean, invstd;
   if (training) {
     mean = at::empty({g.Cout}, x.options().dtype(acc));
@@ -34,15 +50,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cpu(
   } else {
     std::tie(mean, invstd) = eval_stats(*running_mean, *running_var, eps, acc);
   }
-  if (y.numel() == 0) return {y, mean, invstd};
+  if (g.N * g.Cout * g.H * g.W == 0)
+    return {at::empty({g.N, g.Cout, g.H, g.W}, y_opts), mean, invstd};
   auto w2 = weight.reshape({g.Cout, g.Cin}).to(acc);
-  // In the accumulation dtype the GEMM writes y and the epilogue runs in place:
-  // no second y-sized allocation (its page faults cost more than the epilogue on CPU).
-  at::Tensor conv = y;
-  if (x.scalar_type() == acc) {
+  // In the accumulation dtype the conv output is y itself and the epilogue runs in
+  // place: no second y-sized allocation (its page faults cost more than the
+  // epilogue on CPU).
+  at::Tensor conv, y;
+  if (x.scalar_type() == acc && !use_onednn(g, acc)) {
+    y = at::empty({g.N, g.Cout, g.H, g.W}, y_opts);
     pw_conv_gemm_out(g, x, w2, y);
+    conv = y;
   } else {
-    conv = pw_conv_gemm(g, x.to(acc), w2);
+    conv = conv1x1(g, x.to(acc), weight, w2);
+    y = x.scalar_type() == acc ? conv : at::empty({g.N, g.Cout, g.H, g.W}, y_opts);
   }
   at::Tensor res;
   if (residual.has_value()) res = residual->contiguous(g.format());
@@ -67,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cpu(
             dgamma.to(bn_weight.scalar_type()), dbeta.to(bn_bias.scalar_type())};
   }
   auto xa = x.to(acc);
-  auto conv = pw_conv_gemm(g, xa, w2);
+  auto conv = conv1x1(g, xa, weight, w2);
   auto dc = conv;  // the epilogue backward overwrites the conv output with dc in place
   cpu::kernels().pw_bwd(g, dc, dy, training, bn_weight, bn_bias, mean, invstd, dgamma, dbeta);
   auto dx = pw_dx_gemm(g, dc, w2);
