@@ -11,8 +11,11 @@ Environment switches:
 import glob
 import os
 import re
+import shlex
 import shutil
+import subprocess
 import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -89,10 +92,22 @@ def _openmp_flags():
         return []
     if sys.platform == "win32":
         return ["/openmp"]
-    if sys.platform == "darwin":  # Apple clang: no -fopenmp; the kernels stay serial
-        print("mobilenet_ext: macOS build without OpenMP: the CPU kernels run on one thread")
+    if not _compiler_is_gcc():
+        # clang's -fopenmp calls the LLVM runtime (__kmpc_*), which torch's libgomp lacks
+        print("mobilenet_ext: not GCC, so no OpenMP: the CPU kernels run on one thread "
+              "(build with GCC for parallel CPU kernels)")
         return []
     return ["-fopenmp"]
+
+
+def _compiler_is_gcc():
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    try:
+        out = subprocess.run(shlex.split(cxx) + ["--version"], capture_output=True, text=True,
+                             timeout=60).stdout.lower()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "clang" not in out and ("gcc" in out or "free software foundation" in out)
 
 
 cxx_flags += _openmp_flags()
