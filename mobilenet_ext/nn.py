@@ -47,13 +47,14 @@ class _ConvBNAct(nn.Sequential):
         super().__init__(conv, bn)
         self.act = _check_act(act)
 
+    # _modules directly: Sequential's self[0] walks an iterator, ~5 us per access
     @property
     def conv(self) -> nn.Conv2d:
-        return self[0]
+        return self._modules["0"]
 
     @property
     def bn(self) -> nn.BatchNorm2d:
-        return self[1]
+        return self._modules["1"]
 
     def _bn_args(self):
         rm, rv, training, momentum = bn_call_args(self.bn, self.training)

@@ -1,6 +1,6 @@
 // CPU kernels of the fused pointwise (1x1) conv + BatchNorm + activation
-// (+ residual). The 1x1 conv is ATen's: oneDNN's convolution for channels_last
-// float32, else an MKL GEMM (pw_conv_gemm in host.cpp), in the accumulation dtype
+// (+ residual). The 1x1 conv is ATen's: oneDNN's convolution for large channels_last
+// float32 problems, else an MKL GEMM (pw_conv_gemm in host.cpp), in the accumulation dtype
 // and in the layout of y. The shared epilogue (epilogue.h, via cpu::kernels())
 // then does the BatchNorm, activation, residual and cast in one pass.
 //
@@ -18,10 +18,13 @@ namespace mbx {
 namespace {
 
 // oneDNN's convolution instead of MKL's GEMM for the 1x1 conv: channels_last float32
-// only. There it was 1.3-1.45x faster on the MobileNetV2 layers (bench/NOTES.md);
-// on NCHW it was up to 8x slower, and fp64 has no oneDNN kernel.
+// with at least 16384 pixels. There it was 1.3-1.45x faster on the MobileNetV2
+// layers; with fewer pixels (14x14 and 7x7 at batch 8, anything at batch 1) it was
+// up to 1.3x slower, on NCHW up to 8x slower, and fp64 has no oneDNN kernel
+// (bench/NOTES.md).
 bool use_onednn(const PwGeom& g, at::ScalarType acc) {
-  return g.channels_last && acc == at::kFloat && at::globalContext().userEnabledMkldnn();
+  return g.channels_last && acc == at::kFloat && g.N * g.H * g.W >= 16384 &&
+         at::globalContext().userEnabledMkldnn();
 }
 
 // The conv output in the accumulation dtype, a new tensor in x's layout (xa, w2
