@@ -40,16 +40,14 @@ def newest(results_dir: str = RESULTS, gpu: bool = True) -> tuple[str, dict] | N
 
 def render_all(results_dir: str = RESULTS) -> str:
     """The whole section: the newest GPU run, then the newest CPU run."""
-    parts = []
-    for gpu in (True, False):
-        found = newest(results_dir, gpu)
-        if found:
-            parts.append(render(*found))
-        elif gpu:
-            parts.append("No GPU run committed yet: GPU numbers need `bench/gpu_check.sh` on a "
-                         "GPU.\n")
-    return "\n".join(parts) if any(newest(results_dir, g) for g in (True, False)) else \
-        "No results committed yet.\n"
+    gpu, cpu = newest(results_dir, gpu=True), newest(results_dir, gpu=False)
+    if not gpu and not cpu:
+        return "No results committed yet.\n"
+    parts = [render(*gpu) if gpu else
+             "No GPU run committed yet: GPU numbers need `bench/gpu_check.sh` on a GPU.\n"]
+    if cpu:
+        parts.append(render(*cpu))
+    return "\n".join(parts)
 
 
 def render(path: str, data: dict) -> str:

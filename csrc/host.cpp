@@ -5,7 +5,6 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
-
 #include <vector>
 
 #include "common.h"
@@ -224,7 +223,8 @@ std::tuple<at::Tensor, at::Tensor> fold_bn(const at::Tensor& bn_weight, const at
       scalar_t* sh = shift.data_ptr<scalar_t>();
       for (int64_t c = 0; c < is.numel(); ++c) {
         sc[c] = wp[c] * ip[c];
-        const scalar_t ms = mp[c] * sc[c];  // rounded before the subtraction, as in the tensor form below
+        // the product rounded before the subtraction, as in the tensor form below
+        const scalar_t ms = mp[c] * sc[c];
         sh[c] = bp[c] - ms;
       }
     });

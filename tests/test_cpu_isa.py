@@ -145,13 +145,12 @@ def test_thread_count(isa, threads, kind, layout):
         co, c, 1, 1, dtype=torch.float64)
     g, b = torch.rand(co, dtype=torch.float64) + 0.5, torch.randn(co, dtype=torch.float64)
     dy = torch.randn(n, co, h, w, dtype=torch.float64)
-    if kind == "dw":
-        ours_fn = lambda *a: op.dw_fwd(*a, None, None, 1, 1, 1, True, 1e-5, "relu6")[0]  # noqa: E731
-        ref_fn = lambda *a: reference.dw_fwd(*a, None, None, 1, 1, 1, True, 1e-5, "relu6")[0]  # noqa: E731
-    else:
-        ours_fn = lambda *a: op.pw_fwd(*a, None, None, None, True, 1e-5, "relu6")[0]  # noqa: E731
-        ref_fn = lambda *a: reference.pw_fwd(*a, None, None, None, True, 1e-5, "relu6")[0]  # noqa: E731
-    ref = _grads(ref_fn, (x, wt, g, b), dy)
+    # (running stats, geometry, training, eps, act) after (x, weight, bn_weight, bn_bias)
+    rest = (None, None, 1, 1, 1) if kind == "dw" else (None, None, None)
+    rest += (True, 1e-5, "relu6")
+    fwd = f"{kind}_fwd"
+    ref = _grads(lambda *a: getattr(reference, fwd)(*a, *rest)[0], (x, wt, g, b), dy)
     for nt in (1, 5):
         threads(nt)
-        _check(_grads(ours_fn, (x, wt, g, b), dy), ref, torch.float64)
+        _check(_grads(lambda *a: getattr(op, fwd)(*a, *rest)[0], (x, wt, g, b), dy), ref,
+               torch.float64)
