@@ -43,6 +43,14 @@ std::tuple<at::Tensor, at::Tensor> eval_stats(const at::Tensor& running_mean,
 std::tuple<at::Tensor, at::Tensor> fold_bn(const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                            const at::Tensor& mean, const at::Tensor& invstd);
 
+// nn.BatchNorm2d's running-buffer update from a fused op's batch statistics, in
+// place: running = (1 - momentum)*running + momentum*batch, with the variance
+// 1/invstd^2 - eps made unbiased (times `unbias` = count/(count-1)). Either buffer
+// may be absent. The op mobilenet_ext::_update_running.
+void update_running(const c10::optional<at::Tensor>& running_mean,
+                    const c10::optional<at::Tensor>& running_var, const at::Tensor& mean,
+                    const at::Tensor& invstd, double eps, double unbias, double momentum);
+
 at::ScalarType acc_type(at::ScalarType t);
 
 // Checks of the backward ops' extra arguments: grad_y of shape y_sizes in x's
@@ -76,6 +84,10 @@ PwGeom pw_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
 PwGeom pw_bwd_check(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                     const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                     const at::Tensor& mean, const at::Tensor& invstd, c10::string_view act);
+
+// pw_bwd's conv argument (the conv output pw_fwd saved): checked against the
+// geometry, returned contiguous in the layout of y.
+at::Tensor pw_check_saved_conv(const PwGeom& g, const at::Tensor& x, const at::Tensor& conv);
 
 // The three GEMMs of the 1x1 conv, in the dtype of their inputs, with no layout
 // conversion: channels_last is [N*H*W, Cin] x [Cin, Cout], NCHW is

@@ -9,6 +9,8 @@
 #include <atomic>
 #include <bit>
 
+#include "host.h"
+
 extern "C" {
 // `from mobilenet_ext import _C` loads this library (and so runs the
 // registrations below); the module itself is empty.
@@ -36,6 +38,12 @@ int64_t parallel_threads() {
 
 TORCH_LIBRARY(mobilenet_ext, m) {
   m.def("_parallel_threads() -> int", &parallel_threads);
+  // nn.BatchNorm2d's running-buffer update from the statistics a fused op returned
+  // (mbx::update_running); ops.py calls it under no_grad.
+  m.def(
+      "_update_running(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, "
+      "Tensor invstd, float eps, float unbias, float momentum) -> ()");
+  m.impl("_update_running", c10::DispatchKey::CompositeExplicitAutograd, &mbx::update_running);
   // y = act(BN(depthwise_conv(x))). Returns (y, mean, invstd): the statistics
   // used to normalise (batch statistics when training, else the running ones),
   // in fp32 (fp64 for float64 x). Running buffers are updated by the caller.
@@ -49,14 +57,18 @@ TORCH_LIBRARY(mobilenet_ext, m) {
       "dw_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
       "Tensor mean, Tensor invstd, int stride, int padding, int dilation, bool training, "
       "str act) -> (Tensor, Tensor, Tensor, Tensor)");
-  // y = act(BN(conv1x1(x))) + residual. Same statistics outputs as dw_fwd.
+  // y = act(BN(conv1x1(x))) + residual. Same statistics outputs as dw_fwd. The
+  // fourth output is the conv output in the accumulation dtype, laid out like y,
+  // when save_conv (for pw_bwd; only the CPU kernels keep it), else an empty tensor.
   m.def(
       "pw_fwd(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor? running_mean, "
-      "Tensor? running_var, Tensor? residual, bool training, float eps, str act) -> "
-      "(Tensor, Tensor, Tensor)");
+      "Tensor? running_var, Tensor? residual, bool training, float eps, str act, "
+      "bool save_conv) -> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of pw_fwd's y w.r.t. (x, weight, bn_weight, bn_bias); the residual's
-  // gradient is grad_y itself (added after the activation).
+  // gradient is grad_y itself (added after the activation). conv: pw_fwd's saved
+  // conv output, or None to recompute it from x with one more GEMM.
   m.def(
       "pw_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
-      "Tensor mean, Tensor invstd, bool training, str act) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor mean, Tensor invstd, Tensor? conv, bool training, str act) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
 }

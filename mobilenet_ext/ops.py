@@ -127,30 +127,38 @@ def _check_pw(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
                   momentum, act)
 
 
-@torch.no_grad()
 def _update_running(running_mean, running_var, mean, invstd, eps, count, momentum):
-    """nn.BatchNorm2d's update: running = (1-m)*running + m*batch, unbiased variance."""
-    var = (invstd.pow(-2) - eps).clamp_(min=0) * (count / (count - 1))
-    if running_mean is not None:
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    if running_var is not None:
-        running_var.lerp_(var.to(running_var.dtype), momentum)
+    """nn.BatchNorm2d's update: running = (1-m)*running + m*batch, unbiased variance.
+    The compiled op does it in one call (one loop on CPU); these ATen ops where the
+    extension is not built, and under torch.compile."""
+    if _backend._C_ERROR is None and not torch.compiler.is_compiling():
+        with torch.no_grad():
+            torch.ops.mobilenet_ext._update_running.default(
+                running_mean, running_var, mean, invstd, eps, count / (count - 1), momentum)
+        return
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.lerp_(_as(mean, running_mean.dtype), momentum)
+        if running_var is not None:
+            var = invstd.pow(-2).sub_(eps).clamp_(min=0).mul_(count / (count - 1))
+            running_var.lerp_(_as(var, running_var.dtype), momentum)
 
 
-def _op(name, backend):
-    """The registered op running `name` on a backend: compiled (cpu/cuda) or Triton."""
-    return getattr(torch.ops.mobilenet_ext, name + ("_triton" if backend == "triton" else ""))
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
 
 
-def _run_fused(fwd, x, c_out, bn_weight, bn_bias, running_mean, running_var, training, momentum,
-               eps, args):
-    """Calls a registered fused op and updates the running buffers from its statistics."""
+def _run_fused(name, backend, x, c_out, bn_weight, bn_bias, running_mean, running_var, training,
+               momentum, eps, args):
+    """Calls a registered fused op (`name` on `backend`) and updates the running buffers
+    from its statistics."""
     if bn_weight is None:
         bn_weight = torch.ones(c_out, dtype=_acc_dtype(x.dtype), device=x.device)
     if bn_bias is None:
         bn_bias = torch.zeros(c_out, dtype=_acc_dtype(x.dtype), device=x.device)
-    y, mean, invstd = fwd(x.contiguous(memory_format=_memory_format(x)), args[0], bn_weight,
-                          bn_bias, running_mean, running_var, *args[1:])
+    y, mean, invstd = _call(name + ("_triton" if backend == "triton" else ""),
+                            x.contiguous(memory_format=_memory_format(x)), args[0], bn_weight,
+                            bn_bias, running_mean, running_var, *args[1:])[:3]
     if training:
         count = y.shape[0] * y.shape[2] * y.shape[3]
         _update_running(running_mean, running_var, mean, invstd, eps, count, momentum)
@@ -178,7 +186,7 @@ def dw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
             padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
             act=act)
-    return _run_fused(_op("dw_fwd", backend), x, x.shape[1], bn_weight, bn_bias,
+    return _run_fused("dw_fwd", backend, x, x.shape[1], bn_weight, bn_bias,
                       running_mean, running_var, training, momentum, eps,
                       (weight, stride, padding, dilation, training, eps, act))
 
@@ -199,9 +207,13 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
         return reference.pw_conv_bn_act(
             x, weight, bn_weight, bn_bias, running_mean, running_var, residual=residual,
             training=training, momentum=momentum, eps=eps, act=act)
-    return _run_fused(_op("pw_fwd", backend), x, weight.shape[0], bn_weight, bn_bias,
+    # The CPU kernels keep the conv output for the backward when one will follow
+    # (one GEMM fewer there); the CUDA and Triton backwards recompute it.
+    save_conv = backend == "cpu" and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias))
+    return _run_fused("pw_fwd", backend, x, weight.shape[0], bn_weight, bn_bias,
                       running_mean, running_var, training, momentum, eps,
-                      (weight, residual, training, eps, act))
+                      (weight, residual, training, eps, act, save_conv))
 
 
 # ---------------------------------------------------------------- registration
@@ -219,9 +231,9 @@ DW_BWD_SCHEMA = ("(Tensor grad_y, Tensor x, Tensor weight, Tensor bn_weight, Ten
                  "bool training, str act) -> (Tensor, Tensor, Tensor, Tensor)")
 PW_FWD_SCHEMA = ("(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
                  "Tensor? running_mean, Tensor? running_var, Tensor? residual, bool training, "
-                 "float eps, str act) -> (Tensor, Tensor, Tensor)")
+                 "float eps, str act, bool save_conv) -> (Tensor, Tensor, Tensor, Tensor)")
 PW_BWD_SCHEMA = ("(Tensor grad_y, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
-                 "Tensor mean, Tensor invstd, bool training, str act) -> "
+                 "Tensor mean, Tensor invstd, Tensor? conv, bool training, str act) -> "
                  "(Tensor, Tensor, Tensor, Tensor)")
 
 
@@ -237,13 +249,15 @@ def _dw_fwd_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, strid
 
 
 def _pw_fwd_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training,
-                 eps, act):
+                 eps, act, save_conv):
     n, _, h, w = x.shape
     c = weight.shape[0]
-    y = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device,
-                    memory_format=_memory_format(x))
+    fmt = _memory_format(x)
+    y = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
     acc = _acc_dtype(x.dtype)
-    return y, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+    conv = (torch.empty((n, c, h, w), dtype=acc, device=x.device, memory_format=fmt)
+            if save_conv else x.new_empty((0,), dtype=acc))
+    return y, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc), conv
 
 
 def _bwd_fake(grad_y, x, weight, bn_weight, bn_bias, *_):
@@ -256,27 +270,42 @@ def _no_double_backward(ctx, *grads):
                        "by the fused ops; use the 'reference' backend for it")
 
 
-def _register_family(fwd, bwd, fwd_fake, cfg_index, residual_index):
+def _call_bwd(bwd_op, *args):
+    """A backward op: straight to the kernel, unless a graph of the backward is being
+    recorded (create_graph=True), where its registered autograd raises the
+    double-backward error."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return bwd_op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return bwd_op.default(*args)
+
+
+def _register_family(fwd, bwd, fwd_fake, cfg_index, residual_index, save_conv_index=None):
     """Fake kernels and autograd of one forward/backward op pair. The forward saves
-    x, weight, the BN parameters and the statistics; the backward op recomputes the
-    rest. cfg_index lists the forward's non-tensor arguments the backward takes;
-    residual_index is the forward input whose gradient is grad_y (or None)."""
+    x, weight, the BN parameters and the statistics, and, where the forward input
+    save_conv_index is true, its fourth output (the conv output); the backward op
+    recomputes the rest. cfg_index lists the forward's non-tensor arguments the
+    backward takes; residual_index is the forward input whose gradient is grad_y
+    (or None)."""
     torch.library.register_fake(fwd)(fwd_fake)
     torch.library.register_fake(bwd)(_bwd_fake)
     bwd_op = getattr(torch.ops.mobilenet_ext, bwd.split("::")[1])
     n_inputs = len(inspect.signature(fwd_fake).parameters)
 
     def setup(ctx, inputs, output):
-        _, mean, invstd = output
-        ctx.save_for_backward(*inputs[:4], mean, invstd)
+        saved = [*inputs[:4], output[1], output[2]]
+        if save_conv_index is not None:
+            saved.append(output[3] if inputs[save_conv_index] else None)
+        ctx.save_for_backward(*saved)
         ctx.cfg = tuple(inputs[i] for i in cfg_index)
         ctx.has_residual = residual_index is not None and inputs[residual_index] is not None
 
-    def backward(ctx, grad_y, _grad_mean, _grad_invstd):
-        # mean/invstd feed only the running-buffer update, which runs without grad
+    def backward(ctx, grad_y, *_grad_stats):
+        # mean/invstd (and the saved conv) feed only the running-buffer update and
+        # the backward, both without grad
         grads = [None] * n_inputs
         if grad_y is not None:
-            grads[:4] = bwd_op(grad_y, *ctx.saved_tensors, *ctx.cfg)
+            grads[:4] = _call_bwd(bwd_op, grad_y, *ctx.saved_tensors, *ctx.cfg)
             if ctx.has_residual:  # added after the activation
                 grads[residual_index] = grad_y
         return tuple(grads)
@@ -284,13 +313,56 @@ def _register_family(fwd, bwd, fwd_fake, cfg_index, residual_index):
     torch.library.register_autograd(fwd, backward, setup_context=setup)
     torch.library.register_autograd(bwd, _no_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
+    name = fwd.split("::")[1]
+    _AUTOGRAD[name] = (getattr(torch.ops.mobilenet_ext, name).default, setup, backward)
+
+
+# The forward ops' autograd, by op name ("pw_fwd", "pw_fwd_triton", ...): the OpOverload
+# and the setup_context / backward functions registered for it.
+_AUTOGRAD = {}
+
+
+class _Eager(torch.autograd.Function):
+    """A fused forward op with its registered autograd formula (the very setup and
+    backward functions above), without torch.library's wrapper around them. On CPU that
+    wrapper cost ~100 us per call (torch's fill_defaults rebuilds the op's argument list
+    once per argument), a tenth of a small layer's training step at batch 1. Under
+    torch.compile the registered op runs instead (_call)."""
+
+    @staticmethod
+    def forward(ctx, name, *inputs):
+        op, setup, _ = _AUTOGRAD[name]
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*inputs)
+        setup(ctx, inputs, out)
+        ctx.name = name
+        ctx.mark_non_differentiable(*out[1:])  # statistics (and the saved conv output)
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *_AUTOGRAD[ctx.name][2](ctx, *grads))
+
+
+def _call(name, *args):
+    """The registered forward op `name` on args: through _Eager when a gradient is
+    needed, straight to the kernel below autograd when not; the registered op itself
+    (and its registered autograd) when torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.mobilenet_ext, name)(*args)
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in args):
+        return _Eager.apply(name, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _AUTOGRAD[name][0](*args)
 
 
 def _register(suffix):
     _register_family(f"mobilenet_ext::dw_fwd{suffix}", f"mobilenet_ext::dw_bwd{suffix}",
                      _dw_fwd_fake, (6, 7, 8, 9, 11), None)
     _register_family(f"mobilenet_ext::pw_fwd{suffix}", f"mobilenet_ext::pw_bwd{suffix}",
-                     _pw_fwd_fake, (7, 9), 6)
+                     _pw_fwd_fake, (7, 9), 6, save_conv_index=10)
 
 
 def _define_triton_ops():

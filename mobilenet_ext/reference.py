@@ -68,14 +68,16 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
 
 
 def pw_fwd(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training, eps,
-           act):
-    """Reference of the registered op `mobilenet_ext::pw_fwd`: (y, mean, invstd)."""
+           act, save_conv=False):
+    """Reference of the registered op `mobilenet_ext::pw_fwd`: (y, mean, invstd, conv), conv
+    the conv output in the accumulation dtype when save_conv, else an empty tensor."""
     conv = F.conv2d(x, weight)
     y, mean, invstd = _bn_act(conv, bn_weight, bn_bias, running_mean, running_var, training, eps,
                               act)
     if residual is not None:
         y = y + residual
-    return y.to(x.dtype), mean, invstd
+    saved = conv.to(mean.dtype) if save_conv else mean.new_empty((0,))
+    return y.to(x.dtype), mean, invstd, saved
 
 
 def _bn_act(conv, bn_weight, bn_bias, running_mean, running_var, training, eps, act):

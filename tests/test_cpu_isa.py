@@ -91,7 +91,9 @@ def test_pw_isa(isa, act, dtype, layout, training, residual):
     g, b = torch.rand(co, dtype=dtype) + 0.5, torch.randn(co, dtype=dtype)
     rm, rv = torch.randn(co, dtype=dtype) * 0.1, torch.rand(co, dtype=dtype) + 0.5
     dy = torch.randn(n, co, h, w)
-    ours = _grads(lambda *a: op.pw_fwd(*a, rm, rv, r, training, 1e-5, act)[0], (x, wt, g, b), dy)
+    # training keeps the conv output for the backward, eval recomputes it: both paths
+    ours = _grads(lambda *a: op.pw_fwd(*a, rm, rv, r, training, 1e-5, act, training)[0],
+                  (x, wt, g, b), dy)
     ref = _grads(lambda *a: reference.pw_fwd(*a, rm.double(), rv.double(),
                                              r.double() if residual else None, training, 1e-5,
                                              act)[0],
@@ -145,9 +147,10 @@ def test_thread_count(isa, threads, kind, layout):
         co, c, 1, 1, dtype=torch.float64)
     g, b = torch.rand(co, dtype=torch.float64) + 0.5, torch.randn(co, dtype=torch.float64)
     dy = torch.randn(n, co, h, w, dtype=torch.float64)
-    # (running stats, geometry, training, eps, act) after (x, weight, bn_weight, bn_bias)
+    # (running stats, geometry, training, eps, act[, save_conv]) after (x, weight, bn_weight,
+    # bn_bias)
     rest = (None, None, 1, 1, 1) if kind == "dw" else (None, None, None)
-    rest += (True, 1e-5, "relu6")
+    rest += (True, 1e-5, "relu6") + (() if kind == "dw" else (True,))
     fwd = f"{kind}_fwd"
     ref = _grads(lambda *a: getattr(reference, fwd)(*a, *rest)[0], (x, wt, g, b), dy)
     for nt in (1, 5):

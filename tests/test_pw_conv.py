@@ -5,7 +5,8 @@ import torch.nn as nn
 
 import mobilenet_ext
 from mobilenet_ext import reference
-from conftest import as64, call_with, check_close, pick_act, poison_allocator, randomise_stats
+from conftest import (HAS_CUDA, as64, call_with, check_close, pick_act, poison_allocator,
+                      randomise_stats)
 
 op = torch.ops.mobilenet_ext
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -55,10 +56,12 @@ def act_for(case, layout, dtype):
 def test_forward(device, case, dtype, layout, training, residual):
     x, w, g, b, rm, rv, r = make_inputs(case, dtype, device, layout, residual)
     act = act_for(case, layout, dtype)
+    save = device == "cpu"  # only the CPU kernels keep the conv output
     poison_allocator(device)
-    y, mean, invstd = op.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act)
-    y64, mean64, invstd64 = reference.pw_fwd(*as64(x, w, g, b, rm, rv, r), training, 1e-5, act)
-    eager, _, _ = reference.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act)
+    y, mean, invstd, conv = op.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act, save)
+    y64, mean64, invstd64, conv64 = reference.pw_fwd(*as64(x, w, g, b, rm, rv, r), training,
+                                                     1e-5, act, save)
+    eager, _, _, conv_eager = reference.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act, save)
     expect_cl = layout == "channels_last" and not x.is_contiguous()
     assert y.shape == y64.shape and y.dtype == dtype
     assert y.is_contiguous(memory_format=torch.channels_last if expect_cl else
@@ -70,6 +73,12 @@ def test_forward(device, case, dtype, layout, training, residual):
         stat_tol = 2e-2
     torch.testing.assert_close(mean.double(), mean64, atol=stat_tol, rtol=stat_tol)
     torch.testing.assert_close(invstd.double(), invstd64, atol=stat_tol, rtol=stat_tol)
+    assert conv.dtype == mean.dtype
+    if save:  # the conv output for the backward, in the accumulation dtype, laid out like y
+        assert conv.shape == y.shape and conv.stride() == y.stride()
+        check_close(conv, conv_eager, conv64, factor=2, dtype=dtype)
+    else:
+        assert conv.numel() == 0
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -91,8 +100,8 @@ def test_backward(device, case, dtype, layout, training, residual):
         y.backward(dy.to(y.dtype))
         return [t.grad if t is not None else None for t in leaves]
 
-    def ours(x, w, g, b, r):
-        return op.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act)[0]
+    def ours(x, w, g, b, r):  # on CPU the backward reads the saved conv output
+        return op.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act, device == "cpu")[0]
 
     def ref(x, w, g, b, r):
         stat = (lambda t: t.double()) if x.dtype == torch.float64 else (lambda t: t)
@@ -118,9 +127,10 @@ def test_gradcheck(device, act, channels_last, training):
     x, w, g, b, rm, rv, r = make_inputs((2, 5, 7, 4, 3), torch.float64, device,
                                         "channels_last" if channels_last else "nchw", True)
     b = b + 0.37  # keep the pre-activations off the kinks
+    save = device == "cpu" and act != "silu"  # on CPU: the saved and the recomputed conv
 
     def f(x, w, g, b, r):
-        return op.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act)[0]
+        return op.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act, save)[0]
 
     inputs = [t.detach().requires_grad_() for t in (x, w, g, b, r)]
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
@@ -150,6 +160,34 @@ def test_running_stats_match_batchnorm(device, momentum, channels_last):
         torch.testing.assert_close(rv, bn.running_var, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("buffers", ["float32", "float64", "strided", "mean only", "var only"])
+def test_update_running_op(device, buffers):
+    """The compiled running-buffer update (a loop on CPU for contiguous buffers in the
+    statistics' dtype, ATen ops otherwise) against nn.BatchNorm2d's formula."""
+    if not hasattr(op, "_update_running"):
+        pytest.skip("the compiled extension is not built")
+    c, eps, count, m = 37, 1e-3, 50, 0.3
+    mean = torch.randn(c, device=device)
+    invstd = torch.rand(c, device=device) + 0.5
+    dtype = torch.float64 if buffers == "float64" else torch.float32
+    rm = torch.randn(2 * c, device=device, dtype=dtype)
+    rv = torch.rand(2 * c, device=device, dtype=dtype) + 0.5
+    rm, rv = (rm[::2], rv[::2]) if buffers == "strided" else (rm[:c], rv[:c])
+    var = (invstd.double() ** -2 - eps) * count / (count - 1)
+    want_m = (1 - m) * rm.double() + m * mean.double()
+    want_v = (1 - m) * rv.double() + m * var
+    keep_m, keep_v = rm.clone(), rv.clone()
+    rm_arg = None if buffers == "var only" else rm
+    rv_arg = None if buffers == "mean only" else rv
+    op._update_running(rm_arg, rv_arg, mean, invstd, eps, count / (count - 1), m)
+    torch.testing.assert_close(rm.double(), keep_m.double() if rm_arg is None else want_m,
+                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rv.double(), keep_v.double() if rv_arg is None else want_v,
+                               atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="running buffers: expected shape"):
+        op._update_running(rm[:3], None, mean, invstd, eps, 1.0, m)
+
+
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_output_can_be_modified_in_place(device, channels_last, training):
@@ -170,6 +208,15 @@ def test_output_can_be_modified_in_place(device, channels_last, training):
                          "identity")[0])
     torch.testing.assert_close(y.detach(), want, atol=1e-4, rtol=1e-4)
     assert x.grad is not None and x.grad.isfinite().all() and w.grad.abs().sum() > 0
+
+
+def test_double_backward_raises():
+    x, w, g, b, rm, rv, r = make_inputs((2, 3, 5, 4, 4), torch.float64, "cpu", "nchw", True)
+    x.requires_grad_()
+    y = mobilenet_ext.pw_conv_bn_act(x, w, g, b, rm, rv, residual=r, training=True, act="silu")
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
 
 
 def test_public_matches_reference_backend(device):
@@ -194,12 +241,88 @@ def test_opcheck(device, training, channels_last, residual):
                                         "channels_last" if channels_last else "nchw", residual)
     args = [t.requires_grad_() if t is not None else None for t in (x, w, g, b, r)]
     x, w, g, b, r = args
-    torch.library.opcheck(op.pw_fwd.default, (x, w, g, b, rm, rv, r, training, 1e-5, "relu6"))
-    mean, invstd = op.pw_fwd(x.detach(), w.detach(), g.detach(), b.detach(), rm, rv, None,
-                             training, 1e-5, "relu6")[1:]
+    save = device == "cpu"
+    torch.library.opcheck(op.pw_fwd.default,
+                          (x, w, g, b, rm, rv, r, training, 1e-5, "relu6", save))
+    _, mean, invstd, conv = op.pw_fwd(x.detach(), w.detach(), g.detach(), b.detach(), rm, rv,
+                                      None, training, 1e-5, "relu6", save)
     dy = torch.randn(2, 7, 4, 3, device=device)
-    torch.library.opcheck(op.pw_bwd.default, (dy, x.detach(), w.detach(), g.detach(),
-                                              b.detach(), mean, invstd, training, "relu6"))
+    for saved in ((conv, None) if save else (None,)):
+        torch.library.opcheck(op.pw_bwd.default, (dy, x.detach(), w.detach(), g.detach(),
+                                                  b.detach(), mean, invstd, saved, training,
+                                                  "relu6"))
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saved_conv_backward_matches_recompute(dtype, layout, training):
+    """CPU: the backward from the conv output pw_fwd saved gives the gradients of the
+    one that recomputes it, and leaves the saved tensor as it was (a second backward,
+    retain_graph, reads it again)."""
+    x, w, g, b, rm, rv, r = make_inputs((2, 24, 40, 5, 7), dtype, "cpu", layout, True)
+    _, mean, invstd, conv = op.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, "relu6", True)
+    kept = conv.clone()
+    dy = torch.randn(2, 40, 5, 7, dtype=dtype).contiguous(memory_format=_format(x))
+    poison_allocator("cpu")
+    saved = op.pw_bwd(dy, x, w, g, b, mean, invstd, conv, training, "relu6")
+    recomputed = op.pw_bwd(dy, x, w, g, b, mean, invstd, None, training, "relu6")
+    for name, a, e in zip(("dx", "dweight", "dgamma", "dbeta"), saved, recomputed):
+        assert not a.isnan().any(), name
+        torch.testing.assert_close(a, e, atol=0, rtol=0, msg=name)
+    torch.testing.assert_close(conv, kept, atol=0, rtol=0)
+
+
+def _format(t):
+    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def test_public_op_saves_conv_only_when_a_backward_follows():
+    """The public op on CPU keeps the conv output (one y-sized tensor in the accumulation
+    dtype) when autograd records a graph, and nothing extra under no_grad or when no
+    input needs a gradient."""
+    x, w, g, b, rm, rv, _ = make_inputs((2, 8, 12, 5, 5), torch.float32, "cpu",
+                                        "channels_last", False)
+    packed = []
+
+    def run(*ts):
+        packed.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t,
+                                                      lambda t: t):
+            return mobilenet_ext.pw_conv_bn_act(*ts, rm, rv, training=True)
+
+    y = run(x, w.requires_grad_(), g, b)
+    convs = [t for t in packed if t.shape == y.shape]
+    assert len(convs) == 1 and convs[0].dtype == torch.float32
+    assert convs[0].is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        run(x, w, g, b)
+    assert packed == []
+    run(x, w.detach(), g, b)
+    assert packed == []
+
+
+def test_saved_conv_bad_input():
+    x, w, g, b, rm, rv, _ = make_inputs((2, 4, 6, 5, 5), torch.float32, "cpu", "nchw", False)
+    _, mean, invstd, conv = op.pw_fwd(x, w, g, b, rm, rv, None, True, 1e-5, "relu6", True)
+    dy = torch.randn(2, 6, 5, 5)
+    for bad in (conv[:1], conv.double(), conv.transpose(0, 1)):
+        with pytest.raises(ValueError, match="conv: expected the conv output pw_fwd saved"):
+            op.pw_bwd(dy, x, w, g, b, mean, invstd, bad, True, "relu6")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and the CUDA kernels")
+def test_cuda_does_not_save_conv():
+    x, w, g, b, rm, rv, _ = make_inputs((2, 8, 16, 5, 5), torch.float16, "cuda",
+                                        "channels_last", False)
+    with pytest.raises(ValueError, match="save_conv: only the CPU kernels"):
+        op.pw_fwd(x, w, g, b, rm, rv, None, True, 1e-5, "relu6", True)
+    y, mean, invstd, conv = op.pw_fwd(x, w, g, b, rm, rv, None, True, 1e-5, "relu6", False)
+    assert conv.numel() == 0
+    with pytest.raises(ValueError, match="conv: the CUDA backward recomputes"):
+        op.pw_bwd(torch.randn_like(y), x, w, g, b, mean, invstd, y.float(), True, "relu6")
 
 
 class _Bottleneck(nn.Module):
@@ -269,7 +392,7 @@ def test_bad_input_registered_op(change, match):
     a = dict(weight=w, residual=None, act="relu6")
     a.update(change)
     with pytest.raises(ValueError, match=match):
-        op.pw_fwd(x, a["weight"], g, b, rm, rv, a["residual"], False, 1e-5, a["act"])
+        op.pw_fwd(x, a["weight"], g, b, rm, rv, a["residual"], False, 1e-5, a["act"], False)
 
 
 def test_pw_kernels_registered():

@@ -32,7 +32,8 @@ def _dw(case, dtype, device, layout, training):
 def _pw(case, dtype, device, layout, training):
     x, w, g, b, rm, rv, r = pw_inputs(case, dtype, device, layout, residual=True)
     act = pick_act(case, layout, training)
-    return (x, w, g, b), (rm, rv, r), (training, 1e-5, act), (training, act), reference.pw_fwd
+    return ((x, w, g, b), (rm, rv, r), (training, 1e-5, act, False), (None, training, act),
+            reference.pw_fwd)
 
 
 FAMILIES = {"dw": (_dw, DW_CASES), "pw": (_pw, PW_CASES)}
@@ -55,8 +56,8 @@ def test_forward_and_backward(device, fam, case, dtype, layout, training):
     (x, w, g, b), extra, args, bwd_cfg, ref = make(case, dtype, device, layout, training)
     fwd, bwd = getattr(op, f"{fam}_fwd_triton"), getattr(op, f"{fam}_bwd_triton")
     poison_allocator(device)
-    y, mean, invstd = fwd(x, w, g, b, *extra, *args)
-    y64, mean64, invstd64 = ref(*as64(x, w, g, b, *extra), *args)
+    y, mean, invstd = fwd(x, w, g, b, *extra, *args)[:3]
+    y64, mean64, invstd64 = ref(*as64(x, w, g, b, *extra), *args)[:3]
     check_close(y, ref(x, w, g, b, *extra, *args)[0], y64, factor=2)
     tol = 1e-9 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 2e-2)
     torch.testing.assert_close(mean.double(), mean64, atol=tol, rtol=tol)
@@ -103,6 +104,18 @@ def test_gradients_float64(device, fam, training, channels_last):
 
     for got, want in zip(run(fwd), run(ref)):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+
+
+def test_pw_does_not_save_conv(device):
+    """Only the CPU kernels keep the conv output: the Triton ops say so when asked."""
+    (x, w, g, b), extra, args, bwd_cfg, _ = _pw(PW_CASES[0], torch.float32, device,
+                                                "channels_last", True)
+    with pytest.raises(ValueError, match="save_conv: only the CPU kernels"):
+        op.pw_fwd_triton(x, w, g, b, *extra, *args[:-1], True)
+    y, mean, invstd, conv = op.pw_fwd_triton(x, w, g, b, *extra, *args)
+    assert conv.numel() == 0
+    with pytest.raises(ValueError, match="conv: the Triton backward recomputes"):
+        op.pw_bwd_triton(torch.randn_like(y), x, w, g, b, mean, invstd, y, *bwd_cfg[1:])
 
 
 @pytest.mark.parametrize("fam", ["dw", "pw"])

@@ -114,7 +114,7 @@ def test_pw_paths(monkeypatch, case, dtype, training, residual, vec, misaligned)
     act = "relu6" if dtype == torch.float32 else "silu"
 
     def ours(x, w, g, b, r):
-        return op.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act)[0]
+        return op.pw_fwd(x, w, g, b, rm, rv, r, training, 1e-5, act, False)[0]
 
     def ref(x, w, g, b, r):
         cast = (lambda t: t.double()) if x.dtype == torch.float64 else (lambda t: t)
@@ -170,7 +170,7 @@ def test_pw_eval_path_choice(monkeypatch, cin, cout, fused):
     for r in (None, channels_last(torch.randn(3, cout, 7, 9, device="cuda",
                                               dtype=torch.float16), False)):
         poison_allocator("cuda")
-        y = op.pw_fwd(x, weight, g, b, rm, rv, r, False, 1e-5, "relu6")[0]
+        y = op.pw_fwd(x, weight, g, b, rm, rv, r, False, 1e-5, "relu6", False)[0]
         y64 = reference.pw_fwd(*as64(x, weight, g, b, rm, rv, r), False, 1e-5, "relu6")[0]
         eager = reference.pw_fwd(x, weight, g, b, rm, rv, r, False, 1e-5, "relu6")[0]
         check_close(y, eager, y64, factor=2)

@@ -29,10 +29,13 @@ struct Kernels {
   void (*pw_fwd)(const PwGeom& g, const at::Tensor& conv, bool training, double eps,
                  const at::Tensor& bn_weight, const at::Tensor& bn_bias, at::Tensor& mean,
                  at::Tensor& invstd, const at::Tensor& residual, at::Tensor& y);
-  // Pointwise epilogue backward: overwrites conv with dc, fills dgamma, dbeta.
-  void (*pw_bwd)(const PwGeom& g, at::Tensor& conv, const at::Tensor& dy, bool training,
+  // Pointwise epilogue backward: the gradient at the conv output into dc (laid out
+  // like conv, in its dtype; dc may be conv itself, overwritten in place), and
+  // dgamma, dbeta (zeroed).
+  void (*pw_bwd)(const PwGeom& g, const at::Tensor& conv, const at::Tensor& dy, bool training,
                  const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
-                 const at::Tensor& invstd, at::Tensor& dgamma, at::Tensor& dbeta);
+                 const at::Tensor& invstd, at::Tensor& dgamma, at::Tensor& dbeta,
+                 at::Tensor& dc);
 };
 
 namespace base {

@@ -71,21 +71,22 @@ void pw_forward(const PwGeom& g, const at::Tensor& conv, bool training, double e
   });
 }
 
-void pw_backward(const PwGeom& g, at::Tensor& conv, const at::Tensor& dy, bool training,
+void pw_backward(const PwGeom& g, const at::Tensor& conv, const at::Tensor& dy, bool training,
                  const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
-                 const at::Tensor& invstd, at::Tensor& dgamma, at::Tensor& dbeta) {
+                 const at::Tensor& invstd, at::Tensor& dgamma, at::Tensor& dbeta,
+                 at::Tensor& dc) {
   OutRows rw(g.N, g.Cout, g.H, g.W, g.channels_last);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "pw_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    A* cp = conv.data_ptr<A>();
+    const A* cp = conv.const_data_ptr<A>();
     at::Tensor scale, shift;
     std::tie(scale, shift) = fold_bn(bn_weight, bn_bias, mean, invstd);
     auto gamma = bn_weight.to(mean.scalar_type()).contiguous();
     bn_act_backward<scalar_t, A>(
         rw, [&](int64_t r, A*) -> const A* { return cp + r * rw.row_len; }, g.act, training,
         scale.const_data_ptr<A>(), shift.const_data_ptr<A>(), gamma.const_data_ptr<A>(),
-        mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), dy.const_data_ptr<scalar_t>(), cp,
-        dgamma.data_ptr<A>(), dbeta.data_ptr<A>(), [](int64_t, const A*, int) {});
+        mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), dy.const_data_ptr<scalar_t>(),
+        dc.data_ptr<A>(), dgamma.data_ptr<A>(), dbeta.data_ptr<A>(), [](int64_t, const A*, int) {});
   });
 }
 

@@ -4,10 +4,13 @@
 // and in the layout of y. The shared epilogue (epilogue.h, via cpu::kernels())
 // then does the BatchNorm, activation, residual and cast in one pass.
 //
-// Backward recomputes the conv output with one more GEMM instead of saving it:
-// the saved state stays x, weight and two per-channel vectors (eager PyTorch
-// keeps the conv output and the BN output), at the cost of a third of the
-// backward's GEMM flops.
+// Training keeps the conv output (save_conv, asked for by ops.py when a backward
+// will follow) instead of recomputing it in the backward: on CPU the GEMMs are most
+// of a training step, and the recompute was one GEMM in four (pointwise training
+// 0.87x eager at batch 1 with it, bench/NOTES.md). The saved conv output is one
+// y-sized tensor in the accumulation dtype; eager PyTorch keeps the conv output and
+// the BN output. Without it (save_conv false, or the raw op called with conv None)
+// the backward recomputes it with one more GEMM.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -36,11 +39,11 @@ at::Tensor conv1x1(const PwGeom& g, const at::Tensor& xa, const at::Tensor& weig
   return pw_conv_gemm(g, xa, w2);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual,
-    bool training, double eps, c10::string_view act) {
+    bool training, double eps, c10::string_view act, bool save_conv) {
   PwGeom g = pw_check(x_, weight, bn_weight, bn_bias, running_mean, running_var, residual,
                       training, act);
   const auto acc = acc_type(x_.scalar_type());
@@ -53,31 +56,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cpu(
   } else {
     std::tie(mean, invstd) = eval_stats(*running_mean, *running_var, eps, acc);
   }
-  if (g.N * g.Cout * g.H * g.W == 0)
-    return {at::empty({g.N, g.Cout, g.H, g.W}, y_opts), mean, invstd};
+  const auto acc_opts = y_opts.dtype(acc);
+  auto not_saved = at::empty({0}, x.options().dtype(acc));
+  if (g.N * g.Cout * g.H * g.W == 0) {
+    return {at::empty({g.N, g.Cout, g.H, g.W}, y_opts), mean, invstd,
+            save_conv ? at::empty({g.N, g.Cout, g.H, g.W}, acc_opts) : not_saved};
+  }
   auto w2 = weight.reshape({g.Cout, g.Cin}).to(acc);
-  // In the accumulation dtype the conv output is y itself and the epilogue runs in
-  // place: no second y-sized allocation (its page faults cost more than the
-  // epilogue on CPU).
+  // Not saved and in the accumulation dtype, the conv output is y itself and the
+  // epilogue runs in place: no second y-sized allocation (its page faults cost
+  // more than the epilogue on CPU).
   at::Tensor conv, y;
-  if (x.scalar_type() == acc && !use_onednn(g, acc)) {
+  if (x.scalar_type() == acc && !save_conv && !use_onednn(g, acc)) {
     y = at::empty({g.N, g.Cout, g.H, g.W}, y_opts);
     pw_conv_gemm_out(g, x, w2, y);
     conv = y;
   } else {
     conv = conv1x1(g, x.to(acc), weight, w2);
-    y = x.scalar_type() == acc ? conv : at::empty({g.N, g.Cout, g.H, g.W}, y_opts);
+    y = x.scalar_type() == acc && !save_conv ? conv : at::empty({g.N, g.Cout, g.H, g.W}, y_opts);
   }
   at::Tensor res;
   if (residual.has_value()) res = residual->contiguous(g.format());
   cpu::kernels().pw_fwd(g, conv, training, eps, bn_weight, bn_bias, mean, invstd, res, y);
-  return {y, mean, invstd};
+  return {y, mean, invstd, save_conv ? conv : not_saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_, const at::Tensor& weight,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean_,
-    const at::Tensor& invstd_, bool training, c10::string_view act) {
+    const at::Tensor& invstd_, const c10::optional<at::Tensor>& saved_conv, bool training,
+    c10::string_view act) {
   PwGeom g = pw_bwd_check(grad_y, x_, weight, bn_weight, bn_bias, mean_, invstd_, act);
   const auto acc = acc_type(x_.scalar_type());
   auto x = x_.contiguous(g.format());
@@ -91,9 +99,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cpu(
             dgamma.to(bn_weight.scalar_type()), dbeta.to(bn_bias.scalar_type())};
   }
   auto xa = x.to(acc);
-  auto conv = conv1x1(g, xa, weight, w2);
-  auto dc = conv;  // the epilogue backward overwrites the conv output with dc in place
-  cpu::kernels().pw_bwd(g, dc, dy, training, bn_weight, bn_bias, mean, invstd, dgamma, dbeta);
+  at::Tensor conv, dc;
+  if (saved_conv.has_value()) {
+    conv = pw_check_saved_conv(g, x, *saved_conv);
+    dc = at::empty_like(conv);  // the saved tensor stays as it is (retain_graph)
+  } else {
+    conv = conv1x1(g, xa, weight, w2);
+    dc = conv;  // the epilogue backward overwrites the recomputed conv with dc in place
+  }
+  cpu::kernels().pw_bwd(g, conv, dy, training, bn_weight, bn_bias, mean, invstd, dgamma, dbeta,
+                        dc);
   auto dx = pw_dx_gemm(g, dc, w2);
   auto dw2 = pw_dweight_gemm(g, dc, xa);
   return {dx.to(x.scalar_type()).contiguous(g.format()),

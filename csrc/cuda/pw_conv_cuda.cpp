@@ -7,7 +7,9 @@
 //
 // Backward recomputes the conv output with one more GEMM instead of saving it:
 // the op saves x, weight and two per-channel vectors only (eager keeps the conv
-// and BN outputs), for a third more backward GEMM flops.
+// and BN outputs), for a third more backward GEMM flops. (The CPU kernels keep
+// it instead, pw_fwd's save_conv: there the GEMMs are most of a training step.
+// On a GPU the choice is unmeasured: bench/NOTES.md.)
 //
 // Eval forward in fp16/bf16 channels_last takes one fused kernel instead
 // (pw_fused.cu: GEMM on tensor cores with the epilogue applied in registers/shared
@@ -93,17 +95,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_fused(
   return {y, mean, invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cuda(
+// The empty fourth output of pw_fwd: the CUDA backward recomputes the conv output
+// (one GEMM, cheap next to the memory-bound epilogues it spares a y-sized buffer).
+at::Tensor not_saved(const at::Tensor& x) {
+  return at::empty({0}, x.options().dtype(acc_type(x.scalar_type())));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_fwd_cuda(
     const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual,
-    bool training, double eps, c10::string_view act) {
+    bool training, double eps, c10::string_view act, bool save_conv) {
   PwGeom g = pw_check(x_, weight, bn_weight, bn_bias, running_mean, running_var, residual,
                       training, act);
+  TORCH_CHECK_VALUE(!save_conv, "save_conv: only the CPU kernels keep the conv output; the CUDA "
+                    "backward recomputes it (pass save_conv=False)");
   c10::cuda::CUDAGuard guard(x_.device());
   if (use_pw_fused(g, x_, training)) {
-    return pw_fwd_fused(g, x_, weight, bn_weight, bn_bias, *running_mean, *running_var, residual,
-                        eps);
+    auto out = pw_fwd_fused(g, x_, weight, bn_weight, bn_bias, *running_mean, *running_var,
+                            residual, eps);
+    return {std::get<0>(out), std::get<1>(out), std::get<2>(out), not_saved(x_)};
   }
   auto x = x_.contiguous(g.format());
   auto w2 = weight.reshape({g.Cout, g.Cin}).contiguous();
@@ -121,14 +132,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_cuda(
   p.y = y.data_ptr();
   auto stats = forward_epilogue(p, x, bn_weight, bn_bias, running_mean, running_var, training,
                                 eps, y.numel() == 0, pw_stats_launch, pw_apply_launch);
-  return {y, std::get<0>(stats), std::get<1>(stats)};
+  return {y, std::get<0>(stats), std::get<1>(stats), not_saved(x)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cuda(
     const at::Tensor& grad_y, const at::Tensor& x_, const at::Tensor& weight,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean_,
-    const at::Tensor& invstd_, bool training, c10::string_view act) {
+    const at::Tensor& invstd_, const c10::optional<at::Tensor>& saved_conv, bool training,
+    c10::string_view act) {
   PwGeom g = pw_bwd_check(grad_y, x_, weight, bn_weight, bn_bias, mean_, invstd_, act);
+  TORCH_CHECK_VALUE(!saved_conv.has_value(), "conv: the CUDA backward recomputes the conv "
+                    "output; pass None");
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(g.format());
   auto dy = grad_y.contiguous(g.format());

@@ -111,9 +111,17 @@ def _epilogue(conv, out, mode, act, **kw):
     E.launch(n * h * w, _fmt(conv) == torch.channels_last, **args)
 
 
+def _not_saved(x):
+    """pw_fwd's empty fourth output: the Triton backward recomputes the conv output."""
+    return x.new_empty((0,), dtype=E.acc_dtype(x.dtype))
+
+
 def pw_fwd(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training, eps,
-           act):
-    """Triton implementation of mobilenet_ext::pw_fwd: (y, mean, invstd)."""
+           act, save_conv):
+    """Triton implementation of mobilenet_ext::pw_fwd: (y, mean, invstd, empty)."""
+    if save_conv:
+        raise ValueError("save_conv: only the CPU kernels keep the conv output; the Triton "
+                         "backward recomputes it (pass save_conv=False)")
     fmt = _fmt(x)
     x = x.contiguous(memory_format=fmt)
     n, cin, h, w = x.shape
@@ -134,14 +142,14 @@ def pw_fwd(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, t
     scale = (bn_weight.to(acc) * invstd).contiguous()
     shift = (bn_bias.to(acc) - mean * scale).contiguous()
     if y.numel() == 0:
-        return y, mean, invstd
+        return y, mean, invstd, _not_saved(x)
     if training:  # normalise the conv output in place
         _epilogue(y, y, E.MODE_APPLY, act, res_ptr=res if res is not None else y,
                   HAS_RES=res is not None, dy_ptr=y, dc_ptr=y, scale_ptr=scale,
                   shift_ptr=shift, mean_ptr=scale, coef_ptr=scale, part_ptr=scale)
     else:
         _gemm(x, w2, y, GEMM_FUSED, scale=scale, shift=shift, res=res, act=act)
-    return y, mean, invstd
+    return y, mean, invstd, _not_saved(x)
 
 
 def _rows(t):
@@ -152,8 +160,10 @@ def _rows(t):
     return t.reshape(n, c, h * w)
 
 
-def pw_bwd(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, training, act):
+def pw_bwd(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, conv, training, act):
     """Triton implementation of mobilenet_ext::pw_bwd: (dx, dweight, dgamma, dbeta)."""
+    if conv is not None:
+        raise ValueError("conv: the Triton backward recomputes the conv output; pass None")
     fmt = _fmt(x)
     x = x.contiguous(memory_format=fmt)
     dy = grad_y.contiguous(memory_format=fmt)
