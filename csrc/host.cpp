@@ -196,10 +196,16 @@ void update_running(const c10::optional<at::Tensor>& running_mean,
                     const at::Tensor& invstd, double eps, double unbias, double momentum) {
   const at::Tensor* rm = running_mean.has_value() ? &*running_mean : nullptr;
   const at::Tensor* rv = running_var.has_value() ? &*running_var : nullptr;
+  TORCH_CHECK_VALUE(invstd.sizes() == mean.sizes() && mean.dim() == 1,
+                    "mean/invstd: expected two 1-D tensors of one shape, got ", mean.sizes(),
+                    " and ", invstd.sizes());
   for (const at::Tensor* buf : {rm, rv}) {
     if (buf) {
       TORCH_CHECK_VALUE(buf->sizes() == mean.sizes(), "running buffers: expected shape ",
                         mean.sizes(), " like the statistics, got ", buf->sizes());
+      // the dispatcher does not count a C++ op's in-place writes: as lerp_ did, so
+      // that autograd still catches a buffer saved elsewhere and changed here
+      buf->unsafeGetTensorImpl()->bump_version();
     }
   }
   // One loop on CPU where every tensor is contiguous in the statistics' dtype: as

@@ -207,8 +207,9 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
         return reference.pw_conv_bn_act(
             x, weight, bn_weight, bn_bias, running_mean, running_var, residual=residual,
             training=training, momentum=momentum, eps=eps, act=act)
-    # The CPU kernels keep the conv output for the backward when one will follow
-    # (one GEMM fewer there); the CUDA and Triton backwards recompute it.
+    # The CPU kernels keep the conv output for the backward op when it will run (a
+    # gradient of x, weight or the BN parameters is needed): one GEMM fewer there. The
+    # CUDA and Triton backwards recompute it.
     save_conv = backend == "cpu" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias))
     return _run_fused("pw_fwd", backend, x, weight.shape[0], bn_weight, bn_bias,
@@ -299,13 +300,19 @@ def _register_family(fwd, bwd, fwd_fake, cfg_index, residual_index, save_conv_in
         ctx.save_for_backward(*saved)
         ctx.cfg = tuple(inputs[i] for i in cfg_index)
         ctx.has_residual = residual_index is not None and inputs[residual_index] is not None
+        # the backward op's gradients are those of x, weight and the BN parameters:
+        # with only the residual needing one, grad_y is all there is to return
+        ctx.run_bwd = any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs[:4])
+        # mean/invstd (and the saved conv) feed only the running-buffer update and the
+        # backward, both without grad
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_y, *_grad_stats):
-        # mean/invstd (and the saved conv) feed only the running-buffer update and
-        # the backward, both without grad
         grads = [None] * n_inputs
         if grad_y is not None:
-            grads[:4] = _call_bwd(bwd_op, grad_y, *ctx.saved_tensors, *ctx.cfg)
+            if ctx.run_bwd:
+                grads[:4] = _call_bwd(bwd_op, grad_y, *ctx.saved_tensors, *ctx.cfg)
             if ctx.has_residual:  # added after the activation
                 grads[residual_index] = grad_y
         return tuple(grads)
@@ -325,8 +332,9 @@ _AUTOGRAD = {}
 class _Eager(torch.autograd.Function):
     """A fused forward op with its registered autograd formula (the very setup and
     backward functions above), without torch.library's wrapper around them. On CPU that
-    wrapper cost ~100 us per call (torch's fill_defaults rebuilds the op's argument list
-    once per argument), a tenth of a small layer's training step at batch 1. Under
+    wrapper cost ~150 us per call (half of it torch's fill_defaults, which rebuilds the
+    op's argument list once per argument), a tenth of a small layer's training step at
+    batch 1. Under
     torch.compile the registered op runs instead (_call)."""
 
     @staticmethod
@@ -336,8 +344,6 @@ class _Eager(torch.autograd.Function):
             out = op(*inputs)
         setup(ctx, inputs, out)
         ctx.name = name
-        ctx.mark_non_differentiable(*out[1:])  # statistics (and the saved conv output)
-        ctx.set_materialize_grads(False)
         return out
 
     @staticmethod

@@ -91,7 +91,8 @@ def test_pw_isa(isa, act, dtype, layout, training, residual):
     g, b = torch.rand(co, dtype=dtype) + 0.5, torch.randn(co, dtype=dtype)
     rm, rv = torch.randn(co, dtype=dtype) * 0.1, torch.rand(co, dtype=dtype) + 0.5
     dy = torch.randn(n, co, h, w)
-    # training keeps the conv output for the backward, eval recomputes it: both paths
+    # here training passes save_conv and eval does not: the saved and the recomputed
+    # conv output both run in every ISA build
     ours = _grads(lambda *a: op.pw_fwd(*a, rm, rv, r, training, 1e-5, act, training)[0],
                   (x, wt, g, b), dy)
     ref = _grads(lambda *a: reference.pw_fwd(*a, rm.double(), rv.double(),

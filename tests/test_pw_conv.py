@@ -160,16 +160,19 @@ def test_running_stats_match_batchnorm(device, momentum, channels_last):
         torch.testing.assert_close(rv, bn.running_var, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("buffers", ["float32", "float64", "strided", "mean only", "var only"])
+@pytest.mark.parametrize("buffers", ["float32", "float64", "float64 stats", "strided",
+                                     "mean only", "var only"])
 def test_update_running_op(device, buffers):
     """The compiled running-buffer update (a loop on CPU for contiguous buffers in the
-    statistics' dtype, ATen ops otherwise) against nn.BatchNorm2d's formula."""
+    statistics' dtype, ATen ops otherwise) against nn.BatchNorm2d's formula; it bumps
+    the buffers' version counters as an in-place ATen op does."""
     if not hasattr(op, "_update_running"):
         pytest.skip("the compiled extension is not built")
     c, eps, count, m = 37, 1e-3, 50, 0.3
-    mean = torch.randn(c, device=device)
-    invstd = torch.rand(c, device=device) + 0.5
-    dtype = torch.float64 if buffers == "float64" else torch.float32
+    stat_dtype = torch.float64 if buffers == "float64 stats" else torch.float32
+    mean = torch.randn(c, device=device, dtype=stat_dtype)
+    invstd = torch.rand(c, device=device, dtype=stat_dtype) + 0.5
+    dtype = torch.float64 if buffers.startswith("float64") else torch.float32
     rm = torch.randn(2 * c, device=device, dtype=dtype)
     rv = torch.rand(2 * c, device=device, dtype=dtype) + 0.5
     rm, rv = (rm[::2], rv[::2]) if buffers == "strided" else (rm[:c], rv[:c])
@@ -179,13 +182,18 @@ def test_update_running_op(device, buffers):
     keep_m, keep_v = rm.clone(), rv.clone()
     rm_arg = None if buffers == "var only" else rm
     rv_arg = None if buffers == "mean only" else rv
+    versions = rm._version, rv._version
     op._update_running(rm_arg, rv_arg, mean, invstd, eps, count / (count - 1), m)
+    assert (rm._version > versions[0]) == (rm_arg is not None)
+    assert (rv._version > versions[1]) == (rv_arg is not None)
     torch.testing.assert_close(rm.double(), keep_m.double() if rm_arg is None else want_m,
                                atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(rv.double(), keep_v.double() if rv_arg is None else want_v,
                                atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="running buffers: expected shape"):
         op._update_running(rm[:3], None, mean, invstd, eps, 1.0, m)
+    with pytest.raises(ValueError, match="mean/invstd: expected two 1-D tensors"):
+        op._update_running(rm, None, mean, invstd[:3], eps, 1.0, m)
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -278,29 +286,62 @@ def _format(t):
     return torch.channels_last if cl else torch.contiguous_format
 
 
-def test_public_op_saves_conv_only_when_a_backward_follows():
-    """The public op on CPU keeps the conv output (one y-sized tensor in the accumulation
-    dtype) when autograd records a graph, and nothing extra under no_grad or when no
-    input needs a gradient."""
-    x, w, g, b, rm, rv, _ = make_inputs((2, 8, 12, 5, 5), torch.float32, "cpu",
-                                        "channels_last", False)
-    packed = []
+def test_public_op_saves_conv_only_when_a_backward_follows(monkeypatch):
+    """The public op on CPU asks the kernel for the conv output exactly when the
+    backward op will run (a gradient of x, weight or the BN parameters), keeps that one
+    tensor (the conv, not y) for it, and a second backward (retain_graph) reads it
+    unchanged."""
+    x, w, g, b, rm, rv, r = make_inputs((2, 8, 12, 5, 5), torch.float32, "cpu",
+                                        "channels_last", True)
+    flags, packed, bwd_calls = [], [], []
+    call, call_bwd = mobilenet_ext.ops._call, mobilenet_ext.ops._call_bwd
+    monkeypatch.setattr(mobilenet_ext.ops, "_call",
+                        lambda name, *a: flags.append(a[-1]) or call(name, *a))
+    monkeypatch.setattr(mobilenet_ext.ops, "_call_bwd",
+                        lambda *a: bwd_calls.append(1) or call_bwd(*a))
 
-    def run(*ts):
+    def run(*ts, res=None):
+        flags.clear()
         packed.clear()
         with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t,
                                                       lambda t: t):
-            return mobilenet_ext.pw_conv_bn_act(*ts, rm, rv, training=True)
+            return mobilenet_ext.pw_conv_bn_act(*ts, rm, rv, residual=res, training=True)
 
-    y = run(x, w.requires_grad_(), g, b)
+    wg = w.clone().requires_grad_()
+    y = run(x, wg, g, b)
+    assert flags == [True]
     convs = [t for t in packed if t.shape == y.shape]
     assert len(convs) == 1 and convs[0].dtype == torch.float32
     assert convs[0].is_contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        run(x, w, g, b)
-    assert packed == []
-    run(x, w.detach(), g, b)
-    assert packed == []
+    torch.testing.assert_close(convs[0], torch.nn.functional.conv2d(x, w), atol=1e-5,
+                               rtol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy, retain_graph=True)
+    first, wg.grad = wg.grad.clone(), None
+    y.backward(dy)
+    torch.testing.assert_close(wg.grad, first, atol=0, rtol=0)
+    for ts in ((x, w, g, b), (x, w.detach(), g, b)):
+        with torch.no_grad():
+            run(*ts)
+        assert flags == [False]
+        run(*ts)
+        assert flags == [False]
+    # only the residual needs a gradient: it is grad_y, and the backward op never runs
+    bwd_calls.clear()
+    rg = r.clone().requires_grad_()
+    y = run(x, w, g, b, res=rg)
+    assert flags == [False]
+    y.backward(dy)
+    assert bwd_calls == [] and torch.equal(rg.grad, dy)
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_only_y_is_differentiable(save):
+    """The statistics and the saved conv output are not differentiable outputs of the
+    registered op (their gradients would be dropped): autograd says so."""
+    x, w, g, b, rm, rv, _ = make_inputs((2, 4, 6, 5, 5), torch.float32, "cpu", "nchw", False)
+    out = op.pw_fwd(x.requires_grad_(), w, g, b, rm, rv, None, True, 1e-5, "relu6", save)
+    assert [t.requires_grad for t in out] == [True, False, False, False]
 
 
 def test_saved_conv_bad_input():
