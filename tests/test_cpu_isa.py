@@ -51,6 +51,46 @@ def _check(got, want, dtype):
 
 
 @pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", [(2, 5, 1, 1, 3, 1), (3, 17, 7, 7, 3, 2), (1, 9, 15, 15, 5, 1),
+                                  (2, 11, 6, 33, 3, 2), (1, 6, 5, 70, 7, 1)])
+@pytest.mark.parametrize("path", ["native", "channels_last"])
+def test_dw_nchw_paths(monkeypatch, path, case, dtype, training):
+    """NCHW depthwise input runs either on the NCHW kernels or through channels_last
+    copies (narrow rows; MOBILENET_EXT_CPU_NCHW forces one): both against the float64
+    reference, y and dx handed back NCHW-contiguous."""
+    if not hasattr(op, "dw_fwd"):
+        pytest.skip("the compiled extension is not built")
+    monkeypatch.setenv("MOBILENET_EXT_CPU_NCHW", path)
+    n, c, h, w, k, s = case
+    torch.manual_seed(3)
+    x = torch.randn(n, c, h, w, dtype=dtype)
+    wt = torch.randn(c, 1, k, k, dtype=dtype) / k
+    g, b = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
+    rm, rv = torch.randn(c, dtype=dtype) * 0.1, torch.rand(c, dtype=dtype) + 0.5
+    pad = (k - 1) // 2
+    dy = torch.randn(n, c, (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1)
+    ours = _grads(lambda *a: op.dw_fwd(*a, rm, rv, s, pad, 1, training, 1e-5, "relu6")[0],
+                  (x, wt, g, b), dy)
+    ref = _grads(lambda *a: reference.dw_fwd(*a, rm.double(), rv.double(), s, pad, 1, training,
+                                             1e-5, "relu6")[0],
+                 [t.double() for t in (x, wt, g, b)], dy)
+    _check(ours, ref, dtype)
+    y, mean, invstd = op.dw_fwd(x, wt, g, b, rm, rv, s, pad, 1, training, 1e-5, "relu6")
+    dx = op.dw_bwd(dy.to(dtype), x, wt, g, b, mean, invstd, s, pad, 1, training, "relu6")[0]
+    assert y.is_contiguous() and dx.is_contiguous()
+
+
+def test_dw_nchw_path_bad_knob(monkeypatch):
+    if not hasattr(op, "dw_fwd"):
+        pytest.skip("the compiled extension is not built")
+    monkeypatch.setenv("MOBILENET_EXT_CPU_NCHW", "nhwc")
+    with pytest.raises(ValueError, match="MOBILENET_EXT_CPU_NCHW"):
+        op.dw_fwd(torch.randn(1, 3, 4, 4), torch.randn(3, 1, 3, 3), torch.ones(3),
+                  torch.zeros(3), torch.zeros(3), torch.ones(3), 1, 1, 1, False, 1e-5, "relu6")
+
+
+@pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("act", ACTS)

@@ -1,13 +1,43 @@
 // CPU implementations of the depthwise ops: checks, allocation and layout here;
 // the kernels (dw_kernels.h, compiled per ISA) come from cpu::kernels().
 #include <ATen/ATen.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include "../host.h"
 #include "isa.h"
 
 namespace mbx {
 namespace {
+
+// NCHW input with narrow rows runs on the channels_last kernels, through a
+// channels_last copy of x (and dy) and an NCHW copy of y (and dx). The NCHW
+// kernels vectorise along a row of one channel: at 28 columns and below a row is
+// at most 4 vectors, its last one partial, and per-row setup dominates; there the
+// copies and the channels_last kernel were 1.9-7.3x faster (eval and training,
+// batch 1 and 8, bench/NOTES.md). At 56 columns it went either way (0.4-1.5x), at
+// 112 the copies lost (0.3-0.7x), so rows wider than 32 stay on the NCHW kernels.
+// MOBILENET_EXT_CPU_NCHW=native|channels_last forces a path (tests run both).
+bool nchw_via_channels_last(const DwGeom& g) {
+  if (g.channels_last) return false;
+  const char* env = std::getenv("MOBILENET_EXT_CPU_NCHW");
+  if (env != nullptr && *env != '\0' && std::strcmp(env, "auto") != 0) {
+    if (std::strcmp(env, "native") == 0) return false;
+    TORCH_CHECK_VALUE(std::strcmp(env, "channels_last") == 0, "MOBILENET_EXT_CPU_NCHW must be "
+                      "auto, native or channels_last, got '", env, "'");
+    return true;
+  }
+  return g.W <= 32;
+}
+
+// The geometry the kernels run: channels_last where nchw_via_channels_last.
+DwGeom kernel_geom(DwGeom g, bool via_cl) {
+  g.channels_last = g.channels_last || via_cl;
+  return g;
+}
 
 // Weight (C,1,K,K) -> [K*K][C] in the accumulation type, so that the channel loop
 // of channels_last rows reads it contiguously.
@@ -23,8 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_fwd_cpu(
   DwGeom g = dw_check(x_, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
                       dilation, training, act);
   const auto acc = acc_type(x_.scalar_type());
-  auto x = x_.contiguous(g.format());
-  auto y = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().memory_format(g.format()));
+  const bool via_cl = nchw_via_channels_last(g);
+  const DwGeom gk = kernel_geom(g, via_cl);
+  auto x = x_.contiguous(gk.format());
+  auto y = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().memory_format(gk.format()));
   at::Tensor mean, invstd;
   if (training) {
     mean = at::empty({g.C}, x.options().dtype(acc));
@@ -32,10 +64,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_fwd_cpu(
   } else {
     std::tie(mean, invstd) = eval_stats(*running_mean, *running_var, eps, acc);
   }
-  if (y.numel() == 0) return {y, mean, invstd};
+  if (y.numel() == 0) return {y.contiguous(g.format()), mean, invstd};
   auto wt = weight_taps(weight, acc);
-  cpu::kernels().dw_fwd(g, x, wt, training, bn_weight, bn_bias, mean, invstd, eps, y);
-  return {y, mean, invstd};
+  cpu::kernels().dw_fwd(gk, x, wt, training, bn_weight, bn_bias, mean, invstd, eps, y);
+  return {y.contiguous(g.format()), mean, invstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bwd_cpu(
@@ -46,9 +78,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bwd_cpu(
   DwGeom g = dw_bwd_check(grad_y, x_, weight, bn_weight, bn_bias, mean, invstd, stride, padding,
                           dilation, act);
   const auto acc = acc_type(x_.scalar_type());
-  auto x = x_.contiguous(g.format());
-  auto dy = grad_y.contiguous(g.format());
-  auto dx = at::empty(x.sizes(), x.options().memory_format(g.format()));
+  const DwGeom gk = kernel_geom(g, nchw_via_channels_last(g));
+  auto x = x_.contiguous(gk.format());
+  auto dy = grad_y.contiguous(gk.format());
+  auto dx = at::empty(x.sizes(), x.options().memory_format(gk.format()));
   auto dw_taps = at::zeros({g.K * g.K, g.C}, x.options().dtype(acc));
   auto dgamma = at::zeros({g.C}, x.options().dtype(acc));
   auto dbeta = at::zeros({g.C}, x.options().dtype(acc));
@@ -56,11 +89,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bwd_cpu(
     dx.zero_();
   } else {
     auto wt = weight_taps(weight, acc);
-    cpu::kernels().dw_bwd(g, dy, x, wt, bn_weight, bn_bias, mean.contiguous(),
+    cpu::kernels().dw_bwd(gk, dy, x, wt, bn_weight, bn_bias, mean.contiguous(),
                           invstd.contiguous(), training, dx, dw_taps, dgamma, dbeta);
   }
   auto dweight = dw_taps.t().contiguous().reshape(weight.sizes()).to(weight.scalar_type());
-  return {dx, dweight, dgamma.to(bn_weight.scalar_type()), dbeta.to(bn_bias.scalar_type())};
+  return {dx.contiguous(g.format()), dweight, dgamma.to(bn_weight.scalar_type()),
+          dbeta.to(bn_bias.scalar_type())};
 }
 
 }  // namespace

@@ -28,6 +28,8 @@
 #include "isa.h"
 
 #ifdef MBX_ISA_AVX2
+#include <immintrin.h>  // the masked loads of vec.h (each intrinsic carries its own target)
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #endif

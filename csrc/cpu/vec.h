@@ -52,6 +52,20 @@ MBX_VINL typename Simd<A>::V vload(const T* p, Cnt count) {
       for (int l = 0; l < Simd<A>::N; ++l) v[l] = static_cast<A>(p[l]);
     }
   } else {
+#if defined(MBX_ISA_AVX2)
+    // A masked load: the lane loop below compiled to a memcpy into a stack slot
+    // and a vector reload, a failed store-to-load forward on every partial vector
+    // (a sixth of the NCHW depthwise conv at 112 columns, bench/NOTES.md).
+    if constexpr (std::is_same_v<A, T> && std::is_same_v<A, float>) {
+      const __m256i mask =
+          _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      return reinterpret_cast<V>(_mm256_maskload_ps(p, mask));
+    } else if constexpr (std::is_same_v<A, T> && std::is_same_v<A, double>) {
+      const __m256i mask =
+          _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3));
+      return reinterpret_cast<V>(_mm256_maskload_pd(p, mask));
+    }
+#endif
     v = V{};
     for (int l = 0; l < count; ++l) v[l] = static_cast<A>(p[l]);
   }
@@ -63,6 +77,35 @@ template <typename A, typename T, typename Cnt>
 MBX_VINL typename Simd<A>::V vload_strided(const T* p, int stride, Cnt count) {
   using V = typename Simd<A>::V;
   if (stride == 1) return vload<A>(p, count);
+#if defined(MBX_ISA_AVX2)
+  // Stride 2: two masked loads of the 2n-1 elements p[0..2(n-1)] (nothing past
+  // the last one read), then the even lanes; the lane loop below was 8 scalar
+  // loads per vector.
+  if constexpr (std::is_same_v<A, T> && (std::is_same_v<A, float> || std::is_same_v<A, double>)) {
+    if (stride == 2) {
+      constexpr int N = Simd<A>::N;
+      const int n = std::is_same_v<Cnt, Full> ? N : static_cast<int>(count);
+      const int span = 2 * n - 1;  // elements p[0, span) are read
+      if constexpr (std::is_same_v<A, float>) {
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256 lo = _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(span), lane));
+        const __m256 hi =
+            _mm256_maskload_ps(p + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(span - 8), lane));
+        // [p0 p2 p8 p10 | p4 p6 p12 p14] -> [p0 p2 p4 p6 | p8 p10 p12 p14]
+        const __m256 ev = _mm256_shuffle_ps(lo, hi, 0x88);
+        return reinterpret_cast<V>(
+            _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
+      } else {
+        const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
+        const __m256d lo = _mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(span), lane));
+        const __m256d hi =
+            _mm256_maskload_pd(p + 4, _mm256_cmpgt_epi64(_mm256_set1_epi64x(span - 4), lane));
+        // [p0 p4 | p2 p6] -> [p0 p2 p4 p6]
+        return reinterpret_cast<V>(_mm256_permute4x64_pd(_mm256_unpacklo_pd(lo, hi), 0xD8));
+      }
+    }
+  }
+#endif
   V v = V{};
   const int n = std::is_same_v<Cnt, Full> ? Simd<A>::N : static_cast<int>(count);
   for (int l = 0; l < n; ++l) v[l] = static_cast<A>(p[l * stride]);
