@@ -85,6 +85,10 @@ PwGeom pw_bwd_check(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
                     const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                     const at::Tensor& mean, const at::Tensor& invstd, c10::string_view act);
 
+// pw_fwd's fourth output when the conv output is not saved: an empty tensor in
+// the accumulation dtype of x.
+at::Tensor pw_conv_not_saved(const at::Tensor& x);
+
 // pw_bwd's conv argument (the conv output pw_fwd saved): checked against the
 // geometry, returned contiguous in the layout of y.
 at::Tensor pw_check_saved_conv(const PwGeom& g, const at::Tensor& x, const at::Tensor& conv);

@@ -56,29 +56,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_fwd_cpu(
   } else {
     std::tie(mean, invstd) = eval_stats(*running_mean, *running_var, eps, acc);
   }
-  const auto acc_opts = y_opts.dtype(acc);
-  auto not_saved = at::empty({0}, x.options().dtype(acc));
   if (g.N * g.Cout * g.H * g.W == 0) {
     return {at::empty({g.N, g.Cout, g.H, g.W}, y_opts), mean, invstd,
-            save_conv ? at::empty({g.N, g.Cout, g.H, g.W}, acc_opts) : not_saved};
+            save_conv ? at::empty({g.N, g.Cout, g.H, g.W}, y_opts.dtype(acc))
+                      : pw_conv_not_saved(x)};
   }
   auto w2 = weight.reshape({g.Cout, g.Cin}).to(acc);
   // Not saved and in the accumulation dtype, the conv output is y itself and the
   // epilogue runs in place: no second y-sized allocation (its page faults cost
   // more than the epilogue on CPU).
+  const bool in_place = x.scalar_type() == acc && !save_conv;
   at::Tensor conv, y;
-  if (x.scalar_type() == acc && !save_conv && !use_onednn(g, acc)) {
+  if (in_place && !use_onednn(g, acc)) {
     y = at::empty({g.N, g.Cout, g.H, g.W}, y_opts);
     pw_conv_gemm_out(g, x, w2, y);
     conv = y;
   } else {
     conv = conv1x1(g, x.to(acc), weight, w2);
-    y = x.scalar_type() == acc && !save_conv ? conv : at::empty({g.N, g.Cout, g.H, g.W}, y_opts);
+    y = in_place ? conv : at::empty({g.N, g.Cout, g.H, g.W}, y_opts);
   }
   at::Tensor res;
   if (residual.has_value()) res = residual->contiguous(g.format());
   cpu::kernels().pw_fwd(g, conv, training, eps, bn_weight, bn_bias, mean, invstd, res, y);
-  return {y, mean, invstd, save_conv ? conv : not_saved};
+  return {y, mean, invstd, save_conv ? conv : pw_conv_not_saved(x)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cpu(

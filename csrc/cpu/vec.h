@@ -40,6 +40,23 @@ struct Simd<double> {
 // A whole vector's worth of elements (the common case) or a count below N (the tail).
 using Full = std::integral_constant<int, -1>;
 
+#if defined(MBX_ISA_AVX2)
+// The first n elements of p (none when n <= 0, all 8 or 4 when n >= N; the other
+// lanes zero), one masked load: lanes past n are never read.
+template <typename A>
+MBX_VINL typename Simd<A>::V vload_first(const A* p, int n) {
+  using V = typename Simd<A>::V;
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return reinterpret_cast<V>(_mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane)));
+  } else {
+    const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
+    return reinterpret_cast<V>(
+        _mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), lane)));
+  }
+}
+#endif
+
 // N elements of type T from p (count of them when Cnt is int; the rest zero), as A.
 template <typename A, typename T, typename Cnt>
 MBX_VINL typename Simd<A>::V vload(const T* p, Cnt count) {
@@ -56,15 +73,8 @@ MBX_VINL typename Simd<A>::V vload(const T* p, Cnt count) {
     // A masked load: the lane loop below compiled to a memcpy into a stack slot
     // and a vector reload, a failed store-to-load forward on every partial vector
     // (a sixth of the NCHW depthwise conv at 112 columns, bench/NOTES.md).
-    if constexpr (std::is_same_v<A, T> && std::is_same_v<A, float>) {
-      const __m256i mask =
-          _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      return reinterpret_cast<V>(_mm256_maskload_ps(p, mask));
-    } else if constexpr (std::is_same_v<A, T> && std::is_same_v<A, double>) {
-      const __m256i mask =
-          _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3));
-      return reinterpret_cast<V>(_mm256_maskload_pd(p, mask));
-    }
+    if constexpr (std::is_same_v<A, T> && (std::is_same_v<A, float> || std::is_same_v<A, double>))
+      return vload_first<A>(p, count);
 #endif
     v = V{};
     for (int l = 0; l < count; ++l) v[l] = static_cast<A>(p[l]);
@@ -86,22 +96,16 @@ MBX_VINL typename Simd<A>::V vload_strided(const T* p, int stride, Cnt count) {
       constexpr int N = Simd<A>::N;
       const int n = std::is_same_v<Cnt, Full> ? N : static_cast<int>(count);
       const int span = 2 * n - 1;  // elements p[0, span) are read
+      const V lo = vload_first<A>(p, span), hi = vload_first<A>(p + N, span - N);
       if constexpr (std::is_same_v<A, float>) {
-        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        const __m256 lo = _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(span), lane));
-        const __m256 hi =
-            _mm256_maskload_ps(p + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(span - 8), lane));
         // [p0 p2 p8 p10 | p4 p6 p12 p14] -> [p0 p2 p4 p6 | p8 p10 p12 p14]
-        const __m256 ev = _mm256_shuffle_ps(lo, hi, 0x88);
+        const __m256 ev = _mm256_shuffle_ps(__m256(lo), __m256(hi), 0x88);
         return reinterpret_cast<V>(
             _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
       } else {
-        const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
-        const __m256d lo = _mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(span), lane));
-        const __m256d hi =
-            _mm256_maskload_pd(p + 4, _mm256_cmpgt_epi64(_mm256_set1_epi64x(span - 4), lane));
         // [p0 p4 | p2 p6] -> [p0 p2 p4 p6]
-        return reinterpret_cast<V>(_mm256_permute4x64_pd(_mm256_unpacklo_pd(lo, hi), 0xD8));
+        return reinterpret_cast<V>(
+            _mm256_permute4x64_pd(_mm256_unpacklo_pd(__m256d(lo), __m256d(hi)), 0xD8));
       }
     }
   }

@@ -95,12 +95,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_fused(
   return {y, mean, invstd};
 }
 
-// The empty fourth output of pw_fwd: the CUDA backward recomputes the conv output
-// (one GEMM, cheap next to the memory-bound epilogues it spares a y-sized buffer).
-at::Tensor not_saved(const at::Tensor& x) {
-  return at::empty({0}, x.options().dtype(acc_type(x.scalar_type())));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_fwd_cuda(
     const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
@@ -114,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_fwd_cuda(
   if (use_pw_fused(g, x_, training)) {
     auto out = pw_fwd_fused(g, x_, weight, bn_weight, bn_bias, *running_mean, *running_var,
                             residual, eps);
-    return {std::get<0>(out), std::get<1>(out), std::get<2>(out), not_saved(x_)};
+    return {std::get<0>(out), std::get<1>(out), std::get<2>(out), pw_conv_not_saved(x_)};
   }
   auto x = x_.contiguous(g.format());
   auto w2 = weight.reshape({g.Cout, g.Cin}).contiguous();
@@ -132,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_fwd_cuda(
   p.y = y.data_ptr();
   auto stats = forward_epilogue(p, x, bn_weight, bn_bias, running_mean, running_var, training,
                                 eps, y.numel() == 0, pw_stats_launch, pw_apply_launch);
-  return {y, std::get<0>(stats), std::get<1>(stats), not_saved(x)};
+  return {y, std::get<0>(stats), std::get<1>(stats), pw_conv_not_saved(x)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cuda(
