@@ -81,6 +81,60 @@ def test_dw_nchw_paths(monkeypatch, path, case, dtype, training):
     assert y.is_contiguous() and dx.is_contiguous()
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("k,s", [(3, 1), (3, 2), (5, 1), (5, 2), (7, 1), (7, 2)])
+def test_dw_nchw_planes(isa, monkeypatch, k, s, training):
+    """The NCHW plane kernels (a zero-padded copy of each plane, unrolled taps; dx the
+    conv of dc, zero-upsampled at stride 2) at every padding the op allows at dilation 1,
+    and the extremes at dilation 2, on odd planes whose rows end in a partial vector and, at stride 2, leave the last
+    input row or column unread (dx zero there): every output and gradient against the
+    float64 reference, in float64 and float16."""
+    monkeypatch.setenv("MOBILENET_EXT_CPU_NCHW", "native")
+    torch.manual_seed(k * 10 + s)
+    span = k - 1
+    for d, pad in [(1, p) for p in range(k)] + [(2, 0), (2, span), (2, 2 * span)]:
+        for (n, c, h, w), dtype in [((2, 3, 9, 19), torch.float64), ((1, 2, 12, 10), torch.float64),
+                                    ((1, 2, 15, 17), torch.float64), ((1, 2, 8, 37), torch.float16)]:
+            ho, wo = (h + 2 * pad - d * span - 1) // s + 1, (w + 2 * pad - d * span - 1) // s + 1
+            if ho < 1 or wo < 1:
+                continue
+            x = torch.randn(n, c, h, w, dtype=dtype)
+            wt = torch.randn(c, 1, k, k, dtype=dtype) / k
+            g, b = torch.rand(c) + 0.5, torch.randn(c)
+            if dtype == torch.float64:
+                g, b = g.double(), b.double()
+            rm, rv = torch.randn(c, dtype=g.dtype) * 0.1, torch.rand(c, dtype=g.dtype) + 0.5
+            dy = torch.randn(n, c, ho, wo)
+            ours = _grads(lambda *a: op.dw_fwd(*a, rm, rv, s, pad, d, training, 1e-5,
+                                               "hardswish")[0], (x, wt, g, b), dy)
+            ref = _grads(lambda *a: reference.dw_fwd(*a, rm.double(), rv.double(), s, pad, d,
+                                                     training, 1e-5, "hardswish")[0],
+                         [t.double() for t in (x, wt, g, b)], dy)
+            if dtype == torch.float64:
+                _check(ours, ref, dtype)
+            else:  # float16 x and y: compare at float16's resolution
+                for a, r in zip(ours, ref):
+                    torch.testing.assert_close(a.double(), r, atol=2e-2, rtol=2e-2)
+
+
+def test_dw_nchw_planes_inf_past_the_row(isa, monkeypatch):
+    """Columns of x that only lanes past the last output read (stride 2, even width:
+    the last column) may hold inf: the weight gradient stays finite."""
+    monkeypatch.setenv("MOBILENET_EXT_CPU_NCHW", "native")
+    x = torch.randn(1, 2, 6, 12)
+    x[..., -1] = float("inf")  # pad 0, k 3, stride 2: outputs read columns 0..10
+    wt, g, b = torch.randn(2, 1, 3, 3), torch.ones(2), torch.zeros(2)
+    rm, rv = torch.zeros(2), torch.ones(2)
+    y, mean, invstd = op.dw_fwd(x, wt, g, b, rm, rv, 2, 0, 1, False, 1e-5, "identity")
+    dy = torch.randn_like(y)
+    dx, dwt, _, _ = op.dw_bwd(dy, x, wt, g, b, mean, invstd, 2, 0, 1, False, "identity")
+    want = torch.nn.grad.conv2d_weight(x[..., :-1].double(), wt.shape, dy.double(), stride=2,
+                                       groups=2)
+    assert torch.isfinite(y).all() and torch.isfinite(dwt).all()
+    torch.testing.assert_close(dwt.double(), want, atol=1e-4, rtol=1e-4)
+    assert (dx[..., -1] == 0).all()
+
+
 def test_dw_nchw_path_bad_knob(monkeypatch):
     if not hasattr(op, "dw_fwd"):
         pytest.skip("the compiled extension is not built")

@@ -14,12 +14,12 @@ namespace mbx {
 namespace {
 
 // NCHW input with narrow rows runs on the channels_last kernels, through a
-// channels_last copy of x (and dy) and an NCHW copy of y (and dx). The NCHW
-// kernels vectorise along a row of one channel: at 28 columns and below a row is
-// at most 4 vectors, its last one partial, and per-row setup dominates; there the
-// copies and the channels_last kernel were 1.9-7.3x faster (eval and training,
-// batch 1 and 8, bench/NOTES.md). At 56 columns it went either way (0.4-1.5x), at
-// 112 the copies lost (0.3-0.7x), so rows wider than 32 stay on the NCHW kernels.
+// channels_last copy of x (and dy) and an NCHW copy of y (and dx). The NCHW kernels
+// work one (image, channel) plane at a time through a padded copy of it: on small
+// planes that per-plane cost dominates. Measured (bench/NOTES.md, session 6, raw op,
+// batch 1 and 8, eval and training): the copies won at 7 columns (1.1-1.7x) and at
+// stride 2 up to 28 columns (1.04-1.85x); the planes won at stride 1 from 14 columns
+// on (1.05-1.3x at 14, 1.15-1.9x at 28, 1.8-8x at 56 and 112).
 // MOBILENET_EXT_CPU_NCHW=native|channels_last forces a path (tests run both).
 bool nchw_via_channels_last(const DwGeom& g) {
   if (g.channels_last) return false;
@@ -30,7 +30,7 @@ bool nchw_via_channels_last(const DwGeom& g) {
                       "auto, native or channels_last, got '", env, "'");
     return true;
   }
-  return g.W <= 32;
+  return g.W <= (g.stride == 2 ? 32 : 8);
 }
 
 // The geometry the kernels run: channels_last where nchw_via_channels_last.

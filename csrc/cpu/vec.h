@@ -116,6 +116,29 @@ MBX_VINL typename Simd<A>::V vload_strided(const T* p, int stride, Cnt count) {
   return v;
 }
 
+// The even elements p[0], p[2], ... and the odd ones p[1], p[3], ... of the 2N
+// elements at p (all of them are read).
+template <typename A>
+MBX_VINL void vload_deinterleave(const A* p, typename Simd<A>::V* even, typename Simd<A>::V* odd) {
+  using V = typename Simd<A>::V;
+  V lo, hi;
+  std::memcpy(&lo, p, sizeof(V));
+  std::memcpy(&hi, p + Simd<A>::N, sizeof(V));
+#if defined(MBX_ISA_AVX2)
+  if constexpr (std::is_same_v<A, float>) {  // same lane shuffle as vload_strided
+    const __m256 ev = _mm256_shuffle_ps(__m256(lo), __m256(hi), 0x88);
+    const __m256 od = _mm256_shuffle_ps(__m256(lo), __m256(hi), 0xDD);
+    *even = reinterpret_cast<V>(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
+    *odd = reinterpret_cast<V>(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
+    return;
+  }
+#endif
+  for (int l = 0; l < Simd<A>::N; ++l) {
+    (*even)[l] = l < Simd<A>::N / 2 ? lo[2 * l] : hi[2 * l - Simd<A>::N];
+    (*odd)[l] = l < Simd<A>::N / 2 ? lo[2 * l + 1] : hi[2 * l + 1 - Simd<A>::N];
+  }
+}
+
 // Stores the vector v (of some Simd<A>::V) to p as T.
 template <typename T, typename V, typename Cnt>
 MBX_VINL void vstore(T* p, V v, Cnt count) {
