@@ -4,6 +4,11 @@
 # GPU tests of the CUDA ops, the benchmark (infer + train, JSON), Triton GPU tests and
 # Triton rows. Each step is capped so the whole call ends inside BUDGET seconds; every
 # output goes to $OUT as it is written; run.log is the summary.
+# A prebuilt mobilenet_ext/_C*.so is used only when mobilenet_ext/_C.srchash (carried with
+# it) matches the sources: after prebuilding, `bash bench/device_run.sh --srchash >
+# mobilenet_ext/_C.srchash`. A stale one would ignore new kernels and their knobs.
+srchash() { find csrc setup.py -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16; }
+if [ "${1:-}" = --srchash ]; then srchash; exit 0; fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PY=/opt/torch/.venv/bin/python; [ -x $PY ] || PY=python
 BUDGET=${BUDGET:-420}
@@ -20,9 +25,11 @@ step() {  # step NAME CAP CMD...: output to $OUT/NAME.log, never past the budget
   nvidia-smi --query-gpu=name,compute_cap,clocks.max.sm,clocks.max.mem --format=csv
   $PY -c "import torch,triton;print(torch.__version__,torch.version.cuda,torch.backends.cudnn.version(),triton.__version__)"
 } > "$LOG" 2>&1
-if $PY -c "import mobilenet_ext,sys; sys.exit(0 if mobilenet_ext.compiled_with_cuda() else 1)" >> "$LOG" 2>&1; then
-  echo "prebuilt extension loads with CUDA kernels" >> "$LOG"
+if [ "$(cat mobilenet_ext/_C.srchash 2>/dev/null)" = "$(srchash)" ] && $PY -c "import \
+mobilenet_ext,sys; sys.exit(0 if mobilenet_ext.compiled_with_cuda() else 1)" >> "$LOG" 2>&1; then
+  echo "prebuilt extension matches the sources and loads with CUDA kernels" >> "$LOG"
 else
+  echo "no current prebuilt extension: building" >> "$LOG"
   rm -f mobilenet_ext/_C*.so
   step build 200 env MOBILENET_EXT_CUDA=1 $PY setup.py build_ext --inplace
   tail -5 "$OUT/build.log" >> "$LOG"; rm -f "$OUT/build.log"  # at most 8 files come back
@@ -33,12 +40,13 @@ step misaligned 40 env CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -q -p no:cacheprovid
   "tests/test_vec_paths.py::test_pw_paths[case2-dtype0-False-False-1-True]"
 step bench 130 $PY -m bench --op all --mode both --providers eager,folded,ours --batch 128 \
   --repeats 20 --warmup 3 --json "$OUT/bench.json" --plot "$OUT/bench.png"
-step tests_cuda 110 $PY -m pytest -q -p no:cacheprovider -m gpu -rf tests/test_vec_paths.py \
+step tests_cuda 140 $PY -m pytest -q -p no:cacheprovider -m gpu -rf tests/test_vec_paths.py \
   tests/test_dw_conv.py tests/test_pw_conv.py
 step sweep 50 bash -c "$PY -m bench.sweep --op dw --mode infer --setting MOBILENET_EXT_VEC=0 \
 --setting MOBILENET_EXT_VEC_ITEMS=2 --setting MOBILENET_EXT_VEC_ITEMS=4 \
---setting MOBILENET_EXT_VEC_OCC=3 --setting MOBILENET_EXT_VEC_R=2 && \
-$PY -m bench.sweep --op dw --mode train --setting MOBILENET_EXT_VEC=0 --setting MOBILENET_EXT_DW_SPLIT=1 --repeats 15 && \
+--setting MOBILENET_EXT_VEC_OCC=3 --setting MOBILENET_EXT_VEC_R=2 --setting MOBILENET_EXT_DW_TILE=1 && \
+$PY -m bench.sweep --op dw --mode train --setting MOBILENET_EXT_VEC=0 --setting MOBILENET_EXT_DW_SPLIT=1 \
+--setting MOBILENET_EXT_DW_TILE=1 --repeats 15 && \
 $PY -m bench.sweep --op pw --mode train --setting MOBILENET_EXT_VEC=0 --repeats 15"
 step profile 30 bash -c "$PY -m bench.profile --op dw --mode train --steps 3 \
 --layer '144@56x56 s1' && $PY -m bench.profile --op pw --mode train --steps 3 --layer \

@@ -20,6 +20,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DW_CASES = [(2, 32, 14, 13, 3, 1, 1), (2, 48, 9, 10, 3, 2, 1), (1, 24, 11, 9, 5, 1, 2),
             (2, 16, 8, 7, 5, 2, 2), (1, 16, 9, 8, 7, 1, 3), (1, 8, 13, 11, 7, 2, 3),
             (1, 264, 6, 5, 3, 1, 1), (2, 16, 9, 9, 3, 1, 0), (2, 24, 8, 8, 3, 2, 0)]
+# Added for the shared-memory tile kernel (MOBILENET_EXT_DW_TILE=1, dw_tile.cu), whose
+# blocks are 8 output rows at stride 1 (4, 3, 2 at stride 2 for k = 3, 5, 7) by 32 / CG
+# strips of 4 columns by CG channel groups: several tiles per image in both directions
+# with a partial last one, a partly used last channel block (fp16: 9 groups at CG = 4,
+# 5 groups at CG = 8), batch > 1, and k = 7 at the largest padding (k - 1).
+TILE_CASES = DW_CASES + [(3, 72, 19, 70, 3, 1, 1), (2, 40, 25, 141, 3, 2, 1),
+                         (2, 24, 13, 45, 7, 2, 6)]
 # (N, Cin, Cout, H, W): N*H*W not a multiple of the strip (4)
 PW_CASES = [(2, 16, 24, 7, 7), (1, 40, 16, 5, 3), (1, 24, 264, 3, 5)]
 
@@ -180,15 +187,44 @@ def test_pw_eval_path_choice(monkeypatch, cin, cout, fused):
                                    {"MOBILENET_EXT_DW_SPLIT": "0"},
                                    {"MOBILENET_EXT_VEC_ITEMS": "3"},
                                    {"MOBILENET_EXT_VEC_OCC": "1"},
-                                   {"MOBILENET_EXT_VEC_R": "2"}],
+                                   {"MOBILENET_EXT_VEC_R": "2"},
+                                   {"MOBILENET_EXT_DW_TILE": "1"}],
                          ids=lambda k: "=".join(next(iter(k.items()))))
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", [c for c in DW_CASES if c[4] == 3])
 def test_dw_knobs(monkeypatch, case, dtype, training, knobs):
     """The variants behind the tuning knobs (backward with dc and dweight in two kernels
-    or one, several strips per thread, the apply kernels without the register cap and
-    with 2-column strips) give the same results as the defaults."""
+    or one, several strips per thread, the apply kernels without the register cap, with
+    2-column strips and through a shared-memory tile) give the same results as the
+    defaults."""
     for k, v in knobs.items():
         monkeypatch.setenv(k, v)
     test_dw_paths(monkeypatch, case, dtype, training, "1", False)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TILE_CASES)
+def test_dw_tile(monkeypatch, case, dtype, training):
+    """The apply stage through the shared-memory tile kernel (MOBILENET_EXT_DW_TILE=1) for
+    every k and stride: against the reference as test_dw_paths, and bit for bit against
+    the strip kernel it replaces (same tap order, same epilogue)."""
+    monkeypatch.setenv("MOBILENET_EXT_DW_TILE", "1")
+    test_dw_paths(monkeypatch, case, dtype, training, "1", False)
+    n, c, h, w, k, s, pad = case
+    x = channels_last(torch.randn(n, c, h, w, device="cuda", dtype=dtype), False)
+    weight = torch.randn(c, 1, k, k, device="cuda", dtype=dtype) / k
+    g, b, rm, rv = bn_params(c, "cuda")
+    act = "relu6" if dtype == torch.float32 else "hardswish"
+    ys, kernels = [], []
+    for tile in ("1", "0"):
+        monkeypatch.setenv("MOBILENET_EXT_DW_TILE", tile)
+        poison_allocator("cuda")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ys.append(op.dw_fwd(x, weight, g, b, rm, rv, s, pad, 1, training, 1e-5, act)[0])
+            torch.cuda.synchronize()
+        kernels.append(" ".join(e.name for e in prof.events()))
+    # the knob reached the extension: the tile kernel ran with it and not without it
+    assert "dw_tile_apply_kernel" in kernels[0] and "dw_tile_apply_kernel" not in kernels[1]
+    assert torch.equal(ys[0], ys[1])

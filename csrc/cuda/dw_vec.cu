@@ -1,6 +1,7 @@
 // The depthwise op's vectorised channels_last path: the strip source of
 // vec_tile.cuh instantiated for every (dtype, kernel size, stride), and the
-// dispatch that tells the caller (dw_conv.cu) when to take the scalar kernels.
+// dispatch that tells the caller (dw_conv.cu) when to take the scalar kernels
+// (the shared-memory tile variant of the apply stage is dw_tile.cu).
 #include <cstdlib>
 #include <cstring>
 
@@ -15,8 +16,6 @@ bool vec_enabled() {
 
 namespace {
 
-constexpr int kDwR = 4;  // output columns per strip
-
 int vec_width(int dtype) { return dtype == kF32 ? 4 : 8; }
 
 template <typename T, int K, int S>
@@ -30,7 +29,13 @@ cudaError_t run_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) 
   const Strip<T, K, S> src(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad);
   switch (stage) {
     case kVecApply:
-      if constexpr (K == 3) {  // the measured variants (knobs: vec_tile.cuh, env_int)
+      // the measured variants (knobs: vec_tile.cuh, env_int); the shared-memory tile
+      // kernel, when asked for, before the K == 3 ones
+      if (env_int("MOBILENET_EXT_DW_TILE", 0) == 1) {
+        const cudaError_t err = dw_tile_apply<T, K, S>(p, stream);
+        if (err != cudaErrorNotSupported) return err;
+      }
+      if constexpr (K == 3) {
         if (env_int("MOBILENET_EXT_VEC_R", kDwR) == 2) {
           const DwStrip<T, K, S, 2> src2(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad);
           return vec_launch_apply<T>(p, a, src2, stream);

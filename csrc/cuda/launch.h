@@ -68,6 +68,12 @@ bool vec_enabled();
 cudaError_t dw_vec_launch(VecStage stage, const ConvLaunch& p, cudaStream_t stream);
 // num_chunks of dw_vec_launch's reductions.
 int dw_vec_chunks(const ConvLaunch& p);
+// Depthwise, dw_vec_launch's apply stage through a shared-memory input tile per
+// block (dw_tile.cu; taken when MOBILENET_EXT_DW_TILE=1), for the geometries and
+// pointers dw_vec_launch accepts; T in {float, __half, __nv_bfloat16}, K in {3, 5,
+// 7}, S in {1, 2}. cudaErrorNotSupported where its grid would not fit.
+template <typename T, int K, int S>
+cudaError_t dw_tile_apply(const ConvLaunch& p, cudaStream_t stream);
 
 // Depthwise: training batch statistics -> mean, invstd, scale, shift.
 cudaError_t dw_stats_launch(const ConvLaunch& p, cudaStream_t stream);

@@ -15,7 +15,8 @@
 //
 // Used when x is channels_last, T is fp32/fp16/bf16 (A = float), C % V == 0 and
 // every tensor is 16-byte aligned (vec_path_ok); everything else takes
-// epilogue.cuh's scalar kernels.
+// epilogue.cuh's scalar kernels. dw_tile.cu's depthwise apply kernel (input tiles in
+// shared memory) shares the strip math (load_wrow, strip_fma) and apply_store.
 #pragma once
 
 #include <cstdint>
@@ -102,6 +103,34 @@ struct VecArgs {
   float* part;
 };
 
+// ---------------------------------------------------------------- depthwise strip math
+
+constexpr int kDwR = 4;  // depthwise output columns per strip (dw_vec.cu, dw_tile.cu)
+
+// wrow[j] = w(i, j) for the V channels from c0, weights transposed to (K*K, C).
+template <int K, typename T, int V>
+__device__ __forceinline__ void load_wrow(const T* wt, int C, int c0, int i,
+                                          float (&wrow)[K][V]) {
+#pragma unroll
+  for (int j = 0; j < K; ++j) vload<V>(wt + int64_t(i * K + j) * C + c0, wrow[j]);
+}
+
+// out[r] += w(i, j) * x for the strip's outputs r that read strip input column col
+// of kernel row i (j = col - r*S), x that column's values, wrow row i's weights.
+// Every depthwise strip conv (DwStrip, dw_tile.cu's tile kernel) accumulates
+// through this, kernel rows then columns ascending, so that they agree bit for bit.
+template <int K, int S, int R, int V>
+__device__ __forceinline__ void strip_fma(int col, const float (&wrow)[K][V],
+                                          const float (&xv)[V], float (&out)[R][V]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int j = col - r * S;
+    if (j < 0 || j >= K) continue;
+#pragma unroll
+    for (int v = 0; v < V; ++v) out[r][v] += wrow[j][v] * xv[v];
+  }
+}
+
 // ---------------------------------------------------------------- sources
 
 // The depthwise conv of a strip of R output columns, from x (N, Hin, Win, C)
@@ -176,21 +205,8 @@ struct DwStrip : RowStrips<T, R> {
       for (int v = 0; v < V; ++v) out[r][v] = 0.f;
     float wrow[K][V];  // the weights of kernel row i
     for_inputs(
-        item, c0,
-        [&](int i) {
-#pragma unroll
-          for (int j = 0; j < K; ++j)
-            vload<V>(this->wt + int64_t(i * K + j) * this->C + c0, wrow[j]);
-        },
-        [&](int, int col, const float (&xv)[V]) {
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const int j = col - r * S;
-            if (j < 0 || j >= K) continue;
-#pragma unroll
-            for (int v = 0; v < V; ++v) out[r][v] += wrow[j][v] * xv[v];
-          }
-        });
+        item, c0, [&](int i) { load_wrow<K>(this->wt, this->C, c0, i, wrow); },
+        [&](int, int col, const float (&xv)[V]) { strip_fma<K, S>(col, wrow, xv, out); });
   }
 
   // dw[i*K + j][v] += sum over the strip's first nv pixels r of g[r][v] * x(tap (i, j)
@@ -329,6 +345,33 @@ __device__ __forceinline__ void block_sum_y_vec(float (&v)[V], float* smem) {
   __syncthreads();
 }
 
+// The apply epilogue of the first nv pixels of a strip of R (pixel r at element
+// offset base + r*C) for the V channels whose scale and shift are sc, sh:
+// y = act(c * scale + shift) (+ residual); no BN and no activation when a.scale is
+// null (sc, sh unused). Shared by vec_apply_kernel and dw_tile.cu's tile kernel.
+template <typename T, int R, int V>
+__device__ __forceinline__ void apply_store(const VecArgs& a, const float (&sc)[V],
+                                            const float (&sh)[V], int64_t base, int nv,
+                                            const float (&c)[R][V]) {
+  const T* res = static_cast<const T*>(a.residual);
+  T* y = static_cast<T*>(a.y);  // may alias the pointwise conv buffer: same elements, same thread
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= nv) continue;
+    float o[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      o[v] = a.scale != nullptr ? act_fwd<float>(a.act, c[r][v] * sc[v] + sh[v]) : c[r][v];
+    if (res != nullptr) {
+      float rv[V];
+      vload<V>(res + base + int64_t(r) * a.C, rv);
+#pragma unroll
+      for (int v = 0; v < V; ++v) o[v] += rv[v];
+    }
+    vstore<V>(y + base + int64_t(r) * a.C, o);
+  }
+}
+
 // y = act(conv * scale + shift) (+ residual); no BN when a.scale is null.
 // kMinBlocks > 1 caps the registers so that many blocks fit on an SM (occupancy).
 template <typename T, class Src, int kMinBlocks = 1>
@@ -343,29 +386,13 @@ __global__ void __launch_bounds__(kVecThreads, kMinBlocks)
     vload<V>(a.scale + c0, sc);
     vload<V>(a.shift + c0, sh);
   }
-  const T* res = static_cast<const T*>(a.residual);
-  T* y = static_cast<T*>(a.y);  // may alias the pointwise conv buffer: same elements, same thread
   for (int item = blockIdx.y * blockDim.y + threadIdx.y; item < src.items;
        item += gridDim.y * blockDim.y) {
     float c[R][V];
     src.conv(item, c0, c);
     const int nv = src.nvalid(item);
     const int64_t base = src.pix0(item) * a.C + c0;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (r >= nv) continue;
-      float o[V];
-#pragma unroll
-      for (int v = 0; v < V; ++v)
-        o[v] = a.scale != nullptr ? act_fwd<float>(a.act, c[r][v] * sc[v] + sh[v]) : c[r][v];
-      if (res != nullptr) {
-        float rv[V];
-        vload<V>(res + base + int64_t(r) * a.C, rv);
-#pragma unroll
-        for (int v = 0; v < V; ++v) o[v] += rv[v];
-      }
-      vstore<V>(y + base + int64_t(r) * a.C, o);
-    }
+    apply_store<T>(a, sc, sh, base, nv, c);
   }
 }
 
@@ -634,6 +661,9 @@ inline VecArgs vec_args(const ConvLaunch& p) {
 // - MOBILENET_EXT_DW_SPLIT: 1 = depthwise backward dc and dweight in two kernels
 //   (default at stride 1: 6-7% faster), 0 = one kernel (default at stride 2, where the
 //   split measured 6% slower).
+// - MOBILENET_EXT_DW_TILE=1: the depthwise apply stage through a shared-memory input
+//   tile per block (dw_tile.cu), for every K and stride; it overrides the two K=3
+//   knobs above. Default 0 until measured on a GPU.
 inline int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
