@@ -42,11 +42,10 @@ step bench 130 $PY -m bench --op all --mode both --providers eager,folded,ours -
   --repeats 20 --warmup 3 --json "$OUT/bench.json" --plot "$OUT/bench.png"
 step tests_cuda 140 $PY -m pytest -q -p no:cacheprovider -m gpu -rf tests/test_vec_paths.py \
   tests/test_dw_conv.py tests/test_pw_conv.py
-step sweep 50 bash -c "$PY -m bench.sweep --op dw --mode infer --setting MOBILENET_EXT_VEC=0 \
---setting MOBILENET_EXT_VEC_ITEMS=2 --setting MOBILENET_EXT_VEC_ITEMS=4 \
---setting MOBILENET_EXT_VEC_OCC=3 --setting MOBILENET_EXT_VEC_R=2 --setting MOBILENET_EXT_DW_TILE=1 && \
-$PY -m bench.sweep --op dw --mode train --setting MOBILENET_EXT_VEC=0 --setting MOBILENET_EXT_DW_SPLIT=1 \
---setting MOBILENET_EXT_DW_TILE=1 --repeats 15 && \
+step sweep 60 bash -c "$PY -m bench.sweep --op dw --mode infer --setting MOBILENET_EXT_DW_TILE=1 \
+--setting MOBILENET_EXT_VEC_OCC=1 && \
+$PY -m bench.sweep --op dw --mode train --setting MOBILENET_EXT_DW_TILE=1 \
+--setting MOBILENET_EXT_DW_SPLIT=0 --repeats 15 && \
 $PY -m bench.sweep --op pw --mode train --setting MOBILENET_EXT_VEC=0 --repeats 15"
 step profile 30 bash -c "$PY -m bench.profile --op dw --mode train --steps 3 \
 --layer '144@56x56 s1' && $PY -m bench.profile --op pw --mode train --steps 3 --layer \

@@ -207,9 +207,12 @@ def test_dw_knobs(monkeypatch, case, dtype, training, knobs):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", TILE_CASES)
 def test_dw_tile(monkeypatch, case, dtype, training):
-    """The apply stage through the shared-memory tile kernel (MOBILENET_EXT_DW_TILE=1) for
-    every k and stride: against the reference as test_dw_paths, and bit for bit against
-    the strip kernel it replaces (same tap order, same epilogue)."""
+    """The apply and (training) statistics stages through the shared-memory tile kernels
+    (MOBILENET_EXT_DW_TILE=1) for every k and stride: against the reference as
+    test_dw_paths (y and the gradients), plus the batch mean and invstd against the
+    reference in training; in eval, y bit for bit against the strip kernel (same tap
+    order, same epilogue). In training the statistics merge the same values in another
+    order, so y is only close to the strip kernels' (test_dw_paths checks it)."""
     monkeypatch.setenv("MOBILENET_EXT_DW_TILE", "1")
     test_dw_paths(monkeypatch, case, dtype, training, "1", False)
     n, c, h, w, k, s, pad = case
@@ -217,14 +220,23 @@ def test_dw_tile(monkeypatch, case, dtype, training):
     weight = torch.randn(c, 1, k, k, device="cuda", dtype=dtype) / k
     g, b, rm, rv = bn_params(c, "cuda")
     act = "relu6" if dtype == torch.float32 else "hardswish"
-    ys, kernels = [], []
+    outs, kernels = [], []
     for tile in ("1", "0"):
         monkeypatch.setenv("MOBILENET_EXT_DW_TILE", tile)
         poison_allocator("cuda")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            ys.append(op.dw_fwd(x, weight, g, b, rm, rv, s, pad, 1, training, 1e-5, act)[0])
+            outs.append(op.dw_fwd(x, weight, g, b, rm, rv, s, pad, 1, training, 1e-5, act))
             torch.cuda.synchronize()
         kernels.append(" ".join(e.name for e in prof.events()))
-    # the knob reached the extension: the tile kernel ran with it and not without it
+    # the knob reached the extension: the tile kernels ran with it and not without it
     assert "dw_tile_apply_kernel" in kernels[0] and "dw_tile_apply_kernel" not in kernels[1]
-    assert torch.equal(ys[0], ys[1])
+    assert ("dw_tile_stats_kernel" in kernels[0]) == training
+    assert "dw_tile_stats_kernel" not in kernels[1]
+    if not training:
+        assert torch.equal(outs[0][0], outs[1][0])
+        return
+    want = reference.dw_fwd(*as64(x, weight, g, b, rm, rv), s, pad, 1, True, 1e-5, act)
+    eager = reference.dw_fwd(x, weight, g, b, rm, rv, s, pad, 1, True, 1e-5, act)
+    for i in (1, 2):  # mean, invstd of the tile and the strip statistics kernels
+        check_close(outs[0][i], eager[i], want[i], factor=2, dtype=dtype)
+        check_close(outs[1][i], eager[i], want[i], factor=2, dtype=dtype)

@@ -1,7 +1,11 @@
 // The depthwise apply stage (y = act(conv * scale + shift), vec_apply_kernel's
-// semantics) with each block's input tile staged through shared memory: the
-// variant behind MOBILENET_EXT_DW_TILE=1 (dw_vec.cu), for the vector path's
-// geometries (channels_last, C % V == 0, 16-byte aligned tensors).
+// semantics) and statistics stage (vec_stats_kernel's partials) with each block's
+// input tile staged through shared memory: the variants behind
+// MOBILENET_EXT_DW_TILE=1 (dw_vec.cu), for the vector path's geometries
+// (channels_last, C % V == 0, 16-byte aligned tensors). Both kernels share the
+// staging (stage_tile) and the strip conv from shared memory (tile_strip_conv); the
+// apply kernel runs one tile per block, the statistics kernel a grid-stride loop
+// of tiles per chunk.
 //
 // Why: vec_apply_kernel loads each thread's (R-1)*S + K input columns per kernel
 // row straight from global memory into registers, so the bytes in flight per SM
@@ -35,7 +39,8 @@
 // The conv accumulates exactly as DwStrip::conv (load_wrow, strip_fma: kernel
 // rows ascending, input columns ascending, fp32 FMA out += w * x, taps outside
 // the image skipped) and the epilogue is the same apply_store, so y is
-// bit-identical to vec_apply_kernel's.
+// bit-identical to vec_apply_kernel's. The statistics are the same strip values
+// merged in another order (see dw_tile_stats_kernel).
 #include <climits>
 
 #include "vec_tile.cuh"
@@ -57,6 +62,10 @@ struct TileShape {
   static constexpr int kTH = S == 1 ? 8 : (K == 3 ? 4 : (K == 5 ? 3 : 2));
   static constexpr int kThreads = 32 * kTH;
   static constexpr int kMinBlocks = S == 1 ? (K == 3 ? 3 : 2) : (K == 7 ? 4 : 5);
+  // dw_tile_stats_kernel keeps a Welford state (2V + 1 floats) live across the conv:
+  // at K=3 S=1, fp16/bf16, 101-105 registers, and capped at 80 for 3 blocks it spills
+  // 80 B; 2 blocks, no spills, until a GPU run compares the two
+  static constexpr int kStatsMinBlocks = S == 1 && K == 3 ? 2 : kMinBlocks;
   static constexpr int kRows = (kTH - 1) * S + K;  // input rows of the tile
 };
 
@@ -129,39 +138,61 @@ __device__ __forceinline__ void copy16_wait() {
 #endif
 }
 
-template <typename T, int K, int S>
-__global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kMinBlocks)
-    dw_tile_apply_kernel(const VecArgs a, const DwTile<T> t) {
-  using Shape = TileShape<K, S>;
-  constexpr int V = Vec<T>::V, R = kDwR, RS = R * S, kCols = (R - 1) * S + K;
-  extern __shared__ uint4 tile[];
-  const int CG = t.l.cg, cols = t.l.cols, skew = t.l.skew, pitch = t.l.pitch, C = t.C;
-  // blockIdx.x = ((n * tiles_h + tile row) * tiles_w + tile column) * cg_blocks +
-  // channel block: the channel blocks of one tile run side by side (whole pixels
-  // from DRAM), then the neighbouring tiles (their halos hit L2)
-  int b = blockIdx.x;
-  const int g = b % t.cg_blocks * CG + int(threadIdx.x) % CG;  // this thread's group
-  b /= t.cg_blocks;
-  const int wo0 = b % t.tiles_w * (32 / CG * R);
-  b /= t.tiles_w;
-  const int ho0 = b % t.tiles_h * Shape::kTH, n = b / t.tiles_h;
-  const int hi0 = ho0 * S - t.pad, wi0 = wo0 * S - t.pad;  // image pixel of tile (0, 0)
-  const bool active = g * V < C;  // groups past C neither load nor store
+// This thread's place in a block (the header's thread map): channel group g (lane
+// gl of the block's CG), tile row `row` (its warp), strip `strip` of that row.
+struct TileThread {
+  int gl, g, row, strip;
+  bool active;  // g * V < C: groups past C neither load, nor compute, nor store
+  __device__ __forceinline__ TileThread(int cg, int cg_block, int C, int V) {
+    gl = int(threadIdx.x) % cg;
+    g = cg_block * cg + gl;
+    row = int(threadIdx.x) / 32;
+    strip = int(threadIdx.x) % 32 / cg;
+    active = g * V < C;
+  }
+};
 
-  // Stage: tile pixel q = rr * cols + cc for q = threadIdx.x / CG, stepping by
-  // kThreads / CG (CG divides 32, so the thread's group stays g); consecutive
-  // threads copy consecutive groups, then columns: whole 16-byte vectors, CG of
-  // them contiguous per pixel.
-  if (active) {
-    const T* xg = t.x + int64_t(n) * t.Hin * t.Win * C + g * V;
+// Tile `tile` = (n * tiles_h + tile row) * tiles_w + tile column of image n: its
+// first output pixel (ho0, wo0) and the image pixel (hi0, wi0) at tile (0, 0).
+struct TileOrigin {
+  int n, ho0, wo0, hi0, wi0;
+};
+
+template <int K, int S, typename T>
+__device__ __forceinline__ TileOrigin tile_origin(const DwTile<T>& t, int tile) {
+  TileOrigin o;
+  o.wo0 = tile % t.tiles_w * (32 / t.l.cg * kDwR);
+  tile /= t.tiles_w;
+  o.ho0 = tile % t.tiles_h * TileShape<K, S>::kTH;
+  o.n = tile / t.tiles_h;
+  o.hi0 = o.ho0 * S - t.pad;
+  o.wi0 = o.wo0 * S - t.pad;
+  return o;
+}
+
+// This thread's share of the tile's input copied into `tile` (the header's layout),
+// waited for; the block barrier that makes the whole tile visible is the caller's.
+// Tile pixel q = rr * cols + cc for q = threadIdx.x / CG, stepping by kThreads / CG
+// (CG divides 32, so the thread's group stays g); consecutive threads copy
+// consecutive groups, then columns: whole 16-byte vectors, CG of them contiguous per
+// pixel.
+template <typename T, int K, int S>
+__device__ __forceinline__ void stage_tile(const DwTile<T>& t, const TileOrigin& o,
+                                           const TileThread& th, uint4* tile) {
+  using Shape = TileShape<K, S>;
+  constexpr int V = Vec<T>::V, RS = kDwR * S;
+  const int CG = t.l.cg, cols = t.l.cols, C = t.C;
+  if (th.active) {
+    const T* xg = t.x + int64_t(o.n) * t.Hin * t.Win * C + th.g * V;
     const int step = Shape::kThreads / CG, drow = step / cols, dcol = step % cols;
     int rr = int(threadIdx.x) / CG / cols, cc = int(threadIdx.x) / CG % cols;
-    uint4* dst_g = tile + int(threadIdx.x) % CG;
+    uint4* dst_g = tile + th.gl;
     while (rr < Shape::kRows) {
-      const int hi = hi0 + rr, wi = wi0 + cc;
+      const int hi = o.hi0 + rr, wi = o.wi0 + cc;
       const bool inside = hi >= 0 && hi < t.Hin && wi >= 0 && wi < t.Win;
       if (inside)  // outside pixels stay unwritten: the conv skips their taps
-        copy16(dst_g + rr * pitch + cc * CG + cc / RS * skew, xg + (int64_t(hi) * t.Win + wi) * C);
+        copy16(dst_g + rr * t.l.pitch + cc * CG + cc / RS * t.l.skew,
+               xg + (int64_t(hi) * t.Win + wi) * C);
       rr += drow;
       cc += dcol;
       if (cc >= cols) {
@@ -171,16 +202,19 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kM
     }
   }
   copy16_wait();
-  __syncthreads();
+}
 
-  const int row = int(threadIdx.x) / 32, strip = int(threadIdx.x) % 32 / CG;
-  const int ho = ho0 + row, wo = wo0 + strip * R;
-  if (!active || ho >= t.Hout || wo >= t.Wout) return;  // after the only barrier
-  const int c0 = g * V;
-  // the strip's input window: tile row row*S, tile column strip*R*S, image pixel (hs, ws)
-  const uint4* xs = tile + row * S * pitch + strip * (RS * CG + skew) + int(threadIdx.x) % CG;
-  const int hs = hi0 + row * S, ws = wi0 + strip * RS;
-  float c[R][V];
+// c = the conv of this thread's strip from the staged tile, accumulated as
+// DwStrip::conv (the header). Its input window: tile row row*S, tile column
+// strip*R*S, image pixel (hs, ws).
+template <typename T, int K, int S>
+__device__ __forceinline__ void tile_strip_conv(const DwTile<T>& t, const TileOrigin& o,
+                                                const TileThread& th, const uint4* tile,
+                                                float (&c)[kDwR][Vec<T>::V]) {
+  constexpr int V = Vec<T>::V, R = kDwR, RS = R * S, kCols = (R - 1) * S + K;
+  const int CG = t.l.cg, skew = t.l.skew, pitch = t.l.pitch;
+  const uint4* xs = tile + th.row * S * pitch + th.strip * (RS * CG + skew) + th.gl;
+  const int hs = o.hi0 + th.row * S, ws = o.wi0 + th.strip * RS;
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -189,7 +223,7 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kM
   for (int i = 0; i < K; ++i) {
     if (hs + i < 0 || hs + i >= t.Hin) continue;
     float wrow[K][V];
-    load_wrow<K>(t.wt, C, c0, i, wrow);
+    load_wrow<K>(t.wt, t.C, th.g * V, i, wrow);
     const uint4* xr = xs + i * pitch;
 #pragma unroll
     for (int col = 0; col < kCols; ++col) {
@@ -199,47 +233,145 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kM
       strip_fma<K, S>(col, wrow, xv, c);
     }
   }
+}
+
+// One block per tile and channel block: blockIdx.x = tile * cg_blocks + channel
+// block, so the channel blocks of one tile run side by side (whole pixels from DRAM),
+// then the neighbouring tiles (their halos hit L2).
+template <typename T, int K, int S>
+__global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kMinBlocks)
+    dw_tile_apply_kernel(const VecArgs a, const DwTile<T> t) {
+  constexpr int V = Vec<T>::V, R = kDwR;
+  extern __shared__ uint4 tile[];
+  const TileThread th(t.l.cg, int(blockIdx.x) % t.cg_blocks, t.C, V);
+  const TileOrigin o = tile_origin<K, S>(t, int(blockIdx.x) / t.cg_blocks);
+  stage_tile<T, K, S>(t, o, th, tile);
+  __syncthreads();
+
+  const int ho = o.ho0 + th.row, wo = o.wo0 + th.strip * R;
+  if (!th.active || ho >= t.Hout || wo >= t.Wout) return;  // after the only barrier
+  float c[R][V];
+  tile_strip_conv<T, K, S>(t, o, th, tile, c);
+  const int c0 = th.g * V;
   float sc[V], sh[V];
   if (a.scale != nullptr) {
     vload<V>(a.scale + c0, sc);
     vload<V>(a.shift + c0, sh);
   }
   const int nv = t.Wout - wo < R ? t.Wout - wo : R;
-  apply_store<T>(a, sc, sh, ((int64_t(n) * t.Hout + ho) * t.Wout + wo) * C + c0, nv, c);
+  apply_store<T>(a, sc, sh, ((int64_t(o.n) * t.Hout + ho) * t.Wout + wo) * t.C + c0, nv, c);
+}
+
+// The statistics stage (vec_stats_kernel's semantics and partials) from staged tiles.
+// Grid (cg_blocks, chunks): blockIdx.y is the chunk, whose block takes tiles
+// blockIdx.y, blockIdx.y + chunks, ... (concurrent chunks on neighbouring tiles, the
+// channel blocks of a tile side by side as in the apply kernel), so every chunk the
+// host sized the workspace for writes one partial per channel (count 0 when it got
+// no tile). Per thread: Welford over its strips' valid pixels (welford_strip; strips
+// past Hout/Wout and groups past C add nothing); then merged over the CG-strided
+// threads of each group (block_welford_y with tx = lane gl, ty = threadIdx.x / CG,
+// fixed tree order: deterministic). The partials are not bit-identical to
+// vec_stats_kernel's (another grouping of the same strips), the finalized statistics
+// agree to rounding.
+template <typename T, int K, int S>
+__global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kStatsMinBlocks)
+    dw_tile_stats_kernel(const VecArgs a, const DwTile<T> t, int tiles) {
+  constexpr int V = Vec<T>::V, R = kDwR;
+  extern __shared__ uint4 tile[];
+  const TileThread th(t.l.cg, blockIdx.x, t.C, V);
+  float mean[V], m2[V], n = 0.f;
+#pragma unroll
+  for (int v = 0; v < V; ++v) mean[v] = m2[v] = 0.f;
+  for (int k = blockIdx.y; k < tiles; k += gridDim.y) {
+    const TileOrigin o = tile_origin<K, S>(t, k);
+    stage_tile<T, K, S>(t, o, th, tile);
+    __syncthreads();
+    const int ho = o.ho0 + th.row, wo = o.wo0 + th.strip * R;
+    if (th.active && ho < t.Hout && wo < t.Wout) {
+      float c[R][V];
+      tile_strip_conv<T, K, S>(t, o, th, tile, c);
+      welford_strip(c, t.Wout - wo < R ? t.Wout - wo : R, mean, m2, n);
+    }
+    __syncthreads();  // every read of this tile done: the next copies (or the merge) reuse it
+  }
+  const int CG = t.l.cg;
+  block_welford_y<V>(th.gl, int(threadIdx.x) / CG, CG, int(blockDim.x) / CG, mean, m2, n,
+                     reinterpret_cast<float*>(tile));
+  if (int(threadIdx.x) < CG && th.active)
+    store_stats_partial(a.part, t.C, blockIdx.y, th.g * V, mean, m2, n);
+}
+
+// The launch arguments and tile count of p: false where no tile fits in 48 KB, or
+// the tile count does not fit an int.
+template <typename T, int K, int S>
+bool tile_args(const ConvLaunch& p, DwTile<T>* t, int* tiles) {
+  using Shape = TileShape<K, S>;
+  const int groups = p.C / Vec<T>::V;
+  TileLayout l;
+  if (!pick_tile<K, S>(groups, p.Wo, &l)) return false;
+  const int tw = 32 / l.cg * kDwR;
+  *t = DwTile<T>{static_cast<const T*>(p.x), static_cast<const T*>(p.wt), p.C, p.H, p.W, p.Ho,
+                 p.Wo, p.pad, l, (groups + l.cg - 1) / l.cg, (p.Wo + tw - 1) / tw,
+                 (p.Ho + Shape::kTH - 1) / Shape::kTH};
+  const int64_t n = int64_t(t->tiles_w) * t->tiles_h * p.N;
+  if (n > INT_MAX) return false;
+  *tiles = static_cast<int>(n);
+  return true;
+}
+
+// Bytes of the input tile of one block.
+template <int K, int S>
+size_t tile_bytes(const TileLayout& l) {
+  return size_t(TileShape<K, S>::kRows) * l.pitch * 16;
 }
 
 }  // namespace
 
 template <typename T, int K, int S>
 cudaError_t dw_tile_apply(const ConvLaunch& p, cudaStream_t stream) {
-  using Shape = TileShape<K, S>;
-  const int groups = p.C / Vec<T>::V;
-  TileLayout l;
-  if (!pick_tile<K, S>(groups, p.Wo, &l)) return cudaErrorNotSupported;
-  const int tw = 32 / l.cg * kDwR;
-  const DwTile<T> t{static_cast<const T*>(p.x), static_cast<const T*>(p.wt), p.C, p.H, p.W,
-                    p.Ho, p.Wo, p.pad, l, (groups + l.cg - 1) / l.cg, (p.Wo + tw - 1) / tw,
-                    (p.Ho + Shape::kTH - 1) / Shape::kTH};
-  const int64_t blocks = int64_t(t.cg_blocks) * t.tiles_w * t.tiles_h * p.N;
+  DwTile<T> t;
+  int tiles;
+  if (!tile_args<T, K, S>(p, &t, &tiles)) return cudaErrorNotSupported;
+  const int64_t blocks = int64_t(t.cg_blocks) * tiles;
   if (blocks > INT_MAX) return cudaErrorNotSupported;
   if (blocks == 0) return cudaSuccess;
-  const size_t smem = size_t(Shape::kRows) * l.pitch * 16;
   dw_tile_apply_kernel<T, K, S>
-      <<<static_cast<unsigned>(blocks), Shape::kThreads, smem, stream>>>(vec_args(p), t);
+      <<<static_cast<unsigned>(blocks), TileShape<K, S>::kThreads, tile_bytes<K, S>(t.l),
+         stream>>>(vec_args(p), t);
   MBX_LAUNCH_CHECK();
   return cudaSuccess;
 }
 
-#define MBX_TILE_INST(T)                                                          \
-  template cudaError_t dw_tile_apply<T, 3, 1>(const ConvLaunch&, cudaStream_t); \
-  template cudaError_t dw_tile_apply<T, 3, 2>(const ConvLaunch&, cudaStream_t); \
-  template cudaError_t dw_tile_apply<T, 5, 1>(const ConvLaunch&, cudaStream_t); \
-  template cudaError_t dw_tile_apply<T, 5, 2>(const ConvLaunch&, cudaStream_t); \
-  template cudaError_t dw_tile_apply<T, 7, 1>(const ConvLaunch&, cudaStream_t); \
-  template cudaError_t dw_tile_apply<T, 7, 2>(const ConvLaunch&, cudaStream_t);
+template <typename T, int K, int S>
+cudaError_t dw_tile_stats(const ConvLaunch& p, cudaStream_t stream) {
+  using Shape = TileShape<K, S>;
+  DwTile<T> t;
+  int tiles;
+  if (!tile_args<T, K, S>(p, &t, &tiles)) return cudaErrorNotSupported;
+  // the block merge reuses the tile's buffer: kThreads * (mean, m2: V floats; n), at
+  // most 17 KB, the tiles 22-48 KB (pick_tile)
+  const size_t merge = size_t(Shape::kThreads) * (2 * Vec<T>::V + 1) * sizeof(float);
+  const size_t smem = tile_bytes<K, S>(t.l) > merge ? tile_bytes<K, S>(t.l) : merge;
+  dw_tile_stats_kernel<T, K, S><<<dim3(t.cg_blocks, p.chunks), Shape::kThreads, smem, stream>>>(
+      vec_args(p), t, tiles);
+  MBX_LAUNCH_CHECK();
+  return vec_stats_finalize(p, stream);
+}
+
+#define MBX_TILE_INST_KS(T, K, S)                                            \
+  template cudaError_t dw_tile_apply<T, K, S>(const ConvLaunch&, cudaStream_t); \
+  template cudaError_t dw_tile_stats<T, K, S>(const ConvLaunch&, cudaStream_t);
+#define MBX_TILE_INST(T)     \
+  MBX_TILE_INST_KS(T, 3, 1)  \
+  MBX_TILE_INST_KS(T, 3, 2)  \
+  MBX_TILE_INST_KS(T, 5, 1)  \
+  MBX_TILE_INST_KS(T, 5, 2)  \
+  MBX_TILE_INST_KS(T, 7, 1)  \
+  MBX_TILE_INST_KS(T, 7, 2)
 MBX_TILE_INST(float)
 MBX_TILE_INST(__half)
 MBX_TILE_INST(__nv_bfloat16)
 #undef MBX_TILE_INST
+#undef MBX_TILE_INST_KS
 
 }  // namespace mbx

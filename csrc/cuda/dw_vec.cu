@@ -1,7 +1,8 @@
 // The depthwise op's vectorised channels_last path: the strip source of
 // vec_tile.cuh instantiated for every (dtype, kernel size, stride), and the
 // dispatch that tells the caller (dw_conv.cu) when to take the scalar kernels
-// (the shared-memory tile variant of the apply stage is dw_tile.cu).
+// (the shared-memory tile variants of the apply and statistics stages are
+// dw_tile.cu).
 #include <cstdlib>
 #include <cstring>
 
@@ -46,6 +47,12 @@ cudaError_t run_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) 
         }
       }
       return vec_launch_apply<T>(p, a, src, stream);
+    case kVecStats:
+      if (env_int("MOBILENET_EXT_DW_TILE", 0) == 1) {
+        const cudaError_t err = dw_tile_stats<T, K, S>(p, stream);
+        if (err != cudaErrorNotSupported) return err;
+      }
+      return vec_launch_stage<T>(stage, p, a, src, stream);
     case kVecBwdDc:
       // K*K*V weight-gradient accumulators per thread: registers for K == 3 only
       if constexpr (K != 3) {

@@ -74,6 +74,10 @@ int dw_vec_chunks(const ConvLaunch& p);
 // 7}, S in {1, 2}. cudaErrorNotSupported where its grid would not fit.
 template <typename T, int K, int S>
 cudaError_t dw_tile_apply(const ConvLaunch& p, cudaStream_t stream);
+// The same for the statistics stage (with its finalize): p.chunks partials per
+// channel in the layout stats_finalize_kernel reads, as the strip kernel writes.
+template <typename T, int K, int S>
+cudaError_t dw_tile_stats(const ConvLaunch& p, cudaStream_t stream);
 
 // Depthwise: training batch statistics -> mean, invstd, scale, shift.
 cudaError_t dw_stats_launch(const ConvLaunch& p, cudaStream_t stream);

@@ -15,8 +15,10 @@
 //
 // Used when x is channels_last, T is fp32/fp16/bf16 (A = float), C % V == 0 and
 // every tensor is 16-byte aligned (vec_path_ok); everything else takes
-// epilogue.cuh's scalar kernels. dw_tile.cu's depthwise apply kernel (input tiles in
-// shared memory) shares the strip math (load_wrow, strip_fma) and apply_store.
+// epilogue.cuh's scalar kernels. dw_tile.cu's depthwise apply and statistics kernels
+// (input tiles in shared memory) share the strip math (load_wrow, strip_fma),
+// apply_store and the Welford helpers (welford_strip, block_welford_y,
+// store_stats_partial).
 #pragma once
 
 #include <cstdint>
@@ -396,40 +398,41 @@ __global__ void __launch_bounds__(kVecThreads, kMinBlocks)
   }
 }
 
-// Batch statistics: per-thread Welford over its items (each strip merged as one
-// (mean, M2, count) block), merged over threadIdx.y, one partial per chunk.
-template <typename T, class Src>
-__global__ void __launch_bounds__(kVecThreads) vec_stats_kernel(const VecArgs a, const Src src) {
-  constexpr int V = Src::V, R = Src::kR;
-  __shared__ float s_mean[kVecThreads * V], s_m2[kVecThreads * V], s_n[kVecThreads];
-  const int cg = blockIdx.x * blockDim.x + threadIdx.x, c0 = cg * V;
-  float mean[V], m2[V], n = 0.f;
+// Chan's merge of a strip's first nv >= 1 values c[0..nv) into a thread's running
+// (mean, m2, n) per channel: the strip's own mean and M2 first, then one merge (one
+// division per strip). Values past nv are selected out, not multiplied by zero: the
+// conv there may have read inf from columns no output uses.
+template <int R, int V>
+__device__ __forceinline__ void welford_strip(const float (&c)[R][V], int nv, float (&mean)[V],
+                                              float (&m2)[V], float& n) {
+  const float inv = 1.f / float(nv), tot = n + float(nv), w = float(nv) / tot;
 #pragma unroll
-  for (int v = 0; v < V; ++v) mean[v] = m2[v] = 0.f;
-  if (c0 < a.C) {
-    for (int item = blockIdx.y * blockDim.y + threadIdx.y; item < src.items;
-         item += gridDim.y * blockDim.y) {
-      float c[R][V];
-      src.conv(item, c0, c);
-      const int nv = src.nvalid(item);
-      const float inv = 1.f / float(nv), tot = n + float(nv), w = float(nv) / tot;
+  for (int v = 0; v < V; ++v) {
+    float s = 0.f;
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        float s = 0.f;
+    for (int r = 0; r < R; ++r) s += r < nv ? c[r][v] : 0.f;
+    const float m = s * inv;
+    float q = 0.f;
 #pragma unroll
-        for (int r = 0; r < R; ++r) s += r < nv ? c[r][v] : 0.f;
-        const float m = s * inv;
-        float q = 0.f;
-#pragma unroll
-        for (int r = 0; r < R; ++r) q += r < nv ? (c[r][v] - m) * (c[r][v] - m) : 0.f;
-        const float d = m - mean[v];
-        mean[v] += d * w;
-        m2[v] += q + d * d * n * w;
-      }
-      n = tot;
-    }
+    for (int r = 0; r < R; ++r) q += r < nv ? (c[r][v] - m) * (c[r][v] - m) : 0.f;
+    const float d = m - mean[v];
+    mean[v] += d * w;
+    m2[v] += q + d * d * n * w;
   }
-  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  n = tot;
+}
+
+// The (mean, m2, n) of every thread (tx, ty) of a bx x by arrangement merged over ty
+// for each tx, in a fixed tree order (deterministic); the result is returned to the
+// threads with ty == 0. smem: bx * by * (2V + 1) floats, thread (tx, ty) at slot
+// ty * bx + tx of the three arrays mean [slot][V], m2 [slot][V], n [slot]. No
+// barrier after the last read: the caller syncs before reusing smem.
+template <int V>
+__device__ __forceinline__ void block_welford_y(int tx, int ty, int bx, int by, float (&mean)[V],
+                                                float (&m2)[V], float& n, float* smem) {
+  float* s_mean = smem;
+  float* s_m2 = smem + bx * by * V;
+  float* s_n = smem + 2 * bx * by * V;
   const int me = ty * bx + tx;
 #pragma unroll
   for (int v = 0; v < V; ++v) {
@@ -457,15 +460,50 @@ __global__ void __launch_bounds__(kVecThreads) vec_stats_kernel(const VecArgs a,
     }
     __syncthreads();
   }
-  if (ty == 0 && c0 < a.C) {
-    float* part = a.part + int64_t(blockIdx.y) * 3 * a.C;
+  if (ty != 0) return;
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      part[c0 + v] = s_mean[tx * V + v];
-      part[a.C + c0 + v] = s_m2[tx * V + v];
-      part[2 * a.C + c0 + v] = s_n[tx];
+  for (int v = 0; v < V; ++v) {
+    mean[v] = s_mean[tx * V + v];
+    m2[v] = s_m2[tx * V + v];
+  }
+  n = s_n[tx];
+}
+
+// One chunk's statistics partial of channels c0..c0+V, in epilogue.cuh's layout
+// [chunk][mean, m2, n][C] (stats_finalize_kernel merges them).
+template <int V>
+__device__ __forceinline__ void store_stats_partial(float* part, int C, int chunk, int c0,
+                                                    const float (&mean)[V], const float (&m2)[V],
+                                                    float n) {
+  float* pk = part + int64_t(chunk) * 3 * C;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    pk[c0 + v] = mean[v];
+    pk[C + c0 + v] = m2[v];
+    pk[2 * C + c0 + v] = n;
+  }
+}
+
+// Batch statistics: per-thread Welford over its items (each strip merged as one
+// (mean, M2, count) block), merged over threadIdx.y, one partial per chunk.
+template <typename T, class Src>
+__global__ void __launch_bounds__(kVecThreads) vec_stats_kernel(const VecArgs a, const Src src) {
+  constexpr int V = Src::V, R = Src::kR;
+  __shared__ float smem[kVecThreads * (2 * V + 1)];
+  const int cg = blockIdx.x * blockDim.x + threadIdx.x, c0 = cg * V;
+  float mean[V], m2[V], n = 0.f;
+#pragma unroll
+  for (int v = 0; v < V; ++v) mean[v] = m2[v] = 0.f;
+  if (c0 < a.C) {
+    for (int item = blockIdx.y * blockDim.y + threadIdx.y; item < src.items;
+         item += gridDim.y * blockDim.y) {
+      float c[R][V];
+      src.conv(item, c0, c);
+      welford_strip(c, src.nvalid(item), mean, m2, n);
     }
   }
+  block_welford_y<V>(threadIdx.x, threadIdx.y, blockDim.x, blockDim.y, mean, m2, n, smem);
+  if (threadIdx.y == 0 && c0 < a.C) store_stats_partial(a.part, a.C, blockIdx.y, c0, mean, m2, n);
 }
 
 // dz = act'(conv*scale + shift) * dy for a strip; zero past the strip's end.
@@ -661,9 +699,9 @@ inline VecArgs vec_args(const ConvLaunch& p) {
 // - MOBILENET_EXT_DW_SPLIT: 1 = depthwise backward dc and dweight in two kernels
 //   (default at stride 1: 6-7% faster), 0 = one kernel (default at stride 2, where the
 //   split measured 6% slower).
-// - MOBILENET_EXT_DW_TILE=1: the depthwise apply stage through a shared-memory input
-//   tile per block (dw_tile.cu), for every K and stride; it overrides the two K=3
-//   knobs above. Default 0 until measured on a GPU.
+// - MOBILENET_EXT_DW_TILE=1: the depthwise apply and statistics stages through a
+//   shared-memory input tile per block (dw_tile.cu), for every K and stride; it
+//   overrides the two K=3 knobs above. Default 0 until measured on a GPU.
 inline int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
@@ -678,6 +716,14 @@ dim3 vec_apply_grid(const VecGrid& g, const Src& src) {
   const int64_t per_row = int64_t(g.by) * (items > 0 ? items : 1);
   const int64_t rows = (int64_t(src.items) + per_row - 1) / per_row;
   return dim3(g.gx, static_cast<unsigned>(rows < 1 ? 1 : (rows > 65535 ? 65535 : rows)));
+}
+
+// The statistics stage's second kernel: p.chunks partials per channel -> mean, invstd,
+// scale, shift (after vec_stats_kernel or dw_tile.cu's tile statistics kernel).
+inline cudaError_t vec_stats_finalize(const ConvLaunch& p, cudaStream_t stream) {
+  stats_finalize_kernel<float><<<finalize_grid(p.C), finalize_block(), 0, stream>>>(p);
+  MBX_LAUNCH_CHECK();
+  return cudaSuccess;
 }
 
 // The apply kernel over src (y = a.y), for p.C channels.
@@ -717,8 +763,7 @@ cudaError_t vec_launch_stage(VecStage stage, const ConvLaunch& p, const VecArgs&
     case kVecStats:
       vec_stats_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
       MBX_LAUNCH_CHECK();
-      stats_finalize_kernel<float><<<finalize_grid(p.C), finalize_block(), 0, stream>>>(p);
-      break;
+      return vec_stats_finalize(p, stream);
     case kVecBwdSums:
       vec_bwd_sums_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
       break;
