@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <bit>
 
 #include "host.h"
 
@@ -31,7 +30,9 @@ int64_t parallel_threads() {
   at::parallel_for(0, int64_t(64) * at::get_num_threads(), 1, [&](int64_t, int64_t) {
     seen |= uint64_t(1) << std::min(at::get_thread_num(), 63);
   });
-  return std::popcount(seen.load());
+  int64_t n = 0;  // no std::popcount: torch 2.11 builds extensions as C++17
+  for (uint64_t bits = seen.load(); bits != 0; bits &= bits - 1) ++n;
+  return n;
 }
 
 }  // namespace
