@@ -174,6 +174,18 @@ void dx_row(const DwRows& rw, const A* dc, const A* wt, int64_t q, T* __restrict
   }
 }
 
+// out[e] = sum over threads t, in thread order, of part[t * n + e], n = part.size() / nt:
+// the per-thread weight-gradient partials of both layouts ([thread][tap][C]).
+template <typename A>
+void sum_thread_partials(const std::vector<A>& part, int nt, A* __restrict__ out) {
+  const int64_t n = static_cast<int64_t>(part.size()) / nt;
+  for (int64_t e = 0; e < n; ++e) {
+    A s = 0;
+    for (int t = 0; t < nt; ++t) s += part[int64_t(t) * n + e];
+    out[e] = s;
+  }
+}
+
 // ---------------------------------------------------------------- NCHW planes
 // The NCHW kernels: one (image, channel) plane at a time, copied once into a
 // zero-padded buffer of the accumulation type, so that every output row is interior:
@@ -243,8 +255,8 @@ void fill_plane(const PlaneGeom& p, const T* __restrict__ src, A* __restrict__ b
             vstore(out + e, ev, cnt);
             vstore(out + p.half + e, od, cnt);
           } else {  // the tail: nothing past the staged row is read
-            vstore(out + e, vload_strided<A>(stage + 2 * e, 2, cnt), cnt);
-            vstore(out + p.half + e, vload_strided<A>(stage + 2 * e + 1, 2, cnt), cnt);
+            vstore(out + e, vload_even<A>(stage + 2 * e, cnt), cnt);
+            vstore(out + p.half + e, vload_even<A>(stage + 2 * e + 1, cnt), cnt);
           }
         }
       });
@@ -289,11 +301,12 @@ void conv_plane(const PlaneGeom& p, const A* buf, const A* w, Store&& store) {
   }
 }
 
-// dw[i*K + j] += sum over the plane's outputs of dc(ho, wo) * x(tap (i, j)), x a filled
-// plane buffer. The tail vector loads both operands masked: lanes past Wo read
+// dw[(i*K + j) * ldw] += sum over the plane's outputs of dc(ho, wo) * x(tap (i, j)), x a
+// filled plane buffer. The tail vector loads both operands masked: lanes past Wo read
 // nothing (the x columns only they would read may hold inf).
 template <int K, int S, typename A>
-void dweight_plane(const PlaneGeom& p, const A* buf, const A* __restrict__ dc, A* __restrict__ dw) {
+void dweight_plane(const PlaneGeom& p, const A* buf, const A* __restrict__ dc, A* __restrict__ dw,
+                   int64_t ldw) {
   using V = typename Simd<A>::V;
   constexpr int VN = Simd<A>::N;
   int64_t off[K];
@@ -312,7 +325,7 @@ void dweight_plane(const PlaneGeom& p, const A* buf, const A* __restrict__ dc, A
         }
       });
     }
-    for (int j = 0; j < K; ++j) dw[i * K + j] += vsum<A>(acc[j][0] + acc[j][1]);
+    for (int j = 0; j < K; ++j) dw[(i * K + j) * ldw] += vsum<A>(acc[j][0] + acc[j][1]);
   }
 }
 
@@ -432,7 +445,7 @@ void dw_bwd_planes(const DwGeom& g, const at::Tensor& dy, const at::Tensor& x,
                         invstd.const_data_ptr<A>(), dy.const_data_ptr<T>(), dcp,
                         dgamma.data_ptr<A>(), dbeta.data_ptr<A>(), [](int64_t, const A*, int) {});
   const int nt = at::get_num_threads();
-  std::vector<A> dwp(int64_t(nt) * KK * g.C, A(0));  // [thread][C][tap]
+  std::vector<A> dwp(int64_t(nt) * KK * g.C, A(0));  // [thread][tap][C]
   T* dxp = dx.data_ptr<T>();
   with_plane_ks(g, [&](auto k, auto s) {
     constexpr int K = decltype(k)::value, S = decltype(s)::value;
@@ -446,7 +459,7 @@ void dw_bwd_planes(const DwGeom& g, const at::Tensor& dy, const at::Tensor& x,
       for (int64_t pl = begin; pl < end; ++pl) {
         const int64_t c = pl % g.C;
         fill_plane(px, xp + pl * g.H * g.W, bx.data());
-        dweight_plane<K, S>(px, bx.data(), dcp + pl * plen, dwt + c * KK);
+        dweight_plane<K, S>(px, bx.data(), dcp + pl * plen, dwt + c, g.C);
         fill_plane(pd, static_cast<const A*>(dcp + pl * plen), bd.data());
         channel_taps(wp, g, c, true, w);
         T* dxr = dxp + pl * g.H * g.W;
@@ -456,13 +469,7 @@ void dw_bwd_planes(const DwGeom& g, const at::Tensor& dy, const at::Tensor& x,
       }
     });
   });
-  A* dwo = dw_taps.data_ptr<A>();  // [tap][C]
-  for (int64_t c = 0; c < g.C; ++c)
-    for (int64_t t = 0; t < KK; ++t) {
-      A sum = 0;
-      for (int th = 0; th < nt; ++th) sum += dwp[(int64_t(th) * g.C + c) * KK + t];
-      dwo[t * g.C + c] = sum;
-    }
+  sum_thread_partials(dwp, nt, dw_taps.data_ptr<A>());
 }
 
 // Training computes the conv once into a y-sized buffer of the accumulation type
@@ -549,12 +556,7 @@ void dw_bwd_rows(const DwRows& rw, const at::Tensor& dy, const at::Tensor& x,
                         [&](int64_t r, const A* dcr, int tid) {
                           dweight_row<T, A>(rw, xp, r, dcr, dwp.data() + int64_t(tid) * KC);
                         });
-  A* dwo = dw_taps.data_ptr<A>();
-  for (int64_t e = 0; e < KC; ++e) {
-    A s = 0;
-    for (int t = 0; t < nt; ++t) s += dwp[int64_t(t) * KC + e];
-    dwo[e] = s;
-  }
+  sum_thread_partials(dwp, nt, dw_taps.data_ptr<A>());
   T* dxp = dx.data_ptr<T>();
   const int64_t in_len = g.W * g.C;
   at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {

@@ -82,37 +82,52 @@ MBX_VINL typename Simd<A>::V vload(const T* p, Cnt count) {
   return v;
 }
 
-// Elements p[0], p[stride], ... (stride 2 for the NCHW stride-2 conv).
-template <typename A, typename T, typename Cnt>
-MBX_VINL typename Simd<A>::V vload_strided(const T* p, int stride, Cnt count) {
+// The even lanes and the odd lanes of the 2N elements lo, hi: even = [lo0 lo2 ...
+// hi0 hi2 ...], odd = [lo1 lo3 ... hi1 hi3 ...].
+template <typename A>
+MBX_VINL void split_even_odd(typename Simd<A>::V lo, typename Simd<A>::V hi,
+                             typename Simd<A>::V* even, typename Simd<A>::V* odd) {
   using V = typename Simd<A>::V;
-  if (stride == 1) return vload<A>(p, count);
 #if defined(MBX_ISA_AVX2)
-  // Stride 2: two masked loads of the 2n-1 elements p[0..2(n-1)] (nothing past
-  // the last one read), then the even lanes; the lane loop below was 8 scalar
-  // loads per vector.
-  if constexpr (std::is_same_v<A, T> && (std::is_same_v<A, float> || std::is_same_v<A, double>)) {
-    if (stride == 2) {
-      constexpr int N = Simd<A>::N;
-      const int n = std::is_same_v<Cnt, Full> ? N : static_cast<int>(count);
-      const int span = 2 * n - 1;  // elements p[0, span) are read
-      const V lo = vload_first<A>(p, span), hi = vload_first<A>(p + N, span - N);
-      if constexpr (std::is_same_v<A, float>) {
-        // [p0 p2 p8 p10 | p4 p6 p12 p14] -> [p0 p2 p4 p6 | p8 p10 p12 p14]
-        const __m256 ev = _mm256_shuffle_ps(__m256(lo), __m256(hi), 0x88);
-        return reinterpret_cast<V>(
-            _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
-      } else {
-        // [p0 p4 | p2 p6] -> [p0 p2 p4 p6]
-        return reinterpret_cast<V>(
-            _mm256_permute4x64_pd(_mm256_unpacklo_pd(__m256d(lo), __m256d(hi)), 0xD8));
-      }
-    }
+  if constexpr (std::is_same_v<A, float>) {
+    // [lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6] -> [lo0 lo2 lo4 lo6 | hi0 hi2 hi4 hi6]
+    const __m256 ev = _mm256_shuffle_ps(__m256(lo), __m256(hi), 0x88);
+    const __m256 od = _mm256_shuffle_ps(__m256(lo), __m256(hi), 0xDD);
+    *even = reinterpret_cast<V>(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
+    *odd = reinterpret_cast<V>(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
+  } else {
+    // [lo0 hi0 | lo2 hi2] -> [lo0 lo2 hi0 hi2]
+    *even = reinterpret_cast<V>(_mm256_permute4x64_pd(_mm256_unpacklo_pd(__m256d(lo), __m256d(hi)), 0xD8));
+    *odd = reinterpret_cast<V>(_mm256_permute4x64_pd(_mm256_unpackhi_pd(__m256d(lo), __m256d(hi)), 0xD8));
+  }
+#else
+  constexpr int H = Simd<A>::N / 2;
+  for (int l = 0; l < Simd<A>::N; ++l) {
+    (*even)[l] = l < H ? lo[2 * l] : hi[2 * (l - H)];
+    (*odd)[l] = l < H ? lo[2 * l + 1] : hi[2 * (l - H) + 1];
+  }
+#endif
+}
+
+// Elements p[0], p[2], ... (count of them: Full or an int; the other lanes zero), as
+// A. Nothing past the last one, p[2(count-1)], is read.
+template <typename A, typename T, typename Cnt>
+MBX_VINL typename Simd<A>::V vload_even(const T* p, Cnt count) {
+  using V = typename Simd<A>::V;
+  const int n = std::is_same_v<Cnt, Full> ? Simd<A>::N : static_cast<int>(count);
+#if defined(MBX_ISA_AVX2)
+  // Two masked loads of the 2n-1 elements, then the even lanes (a lane loop was 8
+  // scalar loads per vector).
+  if constexpr (std::is_same_v<A, T>) {
+    constexpr int N = Simd<A>::N;
+    const int span = 2 * n - 1;  // elements p[0, span) are read
+    V even, odd;
+    split_even_odd<A>(vload_first<A>(p, span), vload_first<A>(p + N, span - N), &even, &odd);
+    return even;
   }
 #endif
   V v = V{};
-  const int n = std::is_same_v<Cnt, Full> ? Simd<A>::N : static_cast<int>(count);
-  for (int l = 0; l < n; ++l) v[l] = static_cast<A>(p[l * stride]);
+  for (int l = 0; l < n; ++l) v[l] = static_cast<A>(p[2 * l]);
   return v;
 }
 
@@ -120,23 +135,10 @@ MBX_VINL typename Simd<A>::V vload_strided(const T* p, int stride, Cnt count) {
 // elements at p (all of them are read).
 template <typename A>
 MBX_VINL void vload_deinterleave(const A* p, typename Simd<A>::V* even, typename Simd<A>::V* odd) {
-  using V = typename Simd<A>::V;
-  V lo, hi;
-  std::memcpy(&lo, p, sizeof(V));
-  std::memcpy(&hi, p + Simd<A>::N, sizeof(V));
-#if defined(MBX_ISA_AVX2)
-  if constexpr (std::is_same_v<A, float>) {  // same lane shuffle as vload_strided
-    const __m256 ev = _mm256_shuffle_ps(__m256(lo), __m256(hi), 0x88);
-    const __m256 od = _mm256_shuffle_ps(__m256(lo), __m256(hi), 0xDD);
-    *even = reinterpret_cast<V>(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
-    *odd = reinterpret_cast<V>(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
-    return;
-  }
-#endif
-  for (int l = 0; l < Simd<A>::N; ++l) {
-    (*even)[l] = l < Simd<A>::N / 2 ? lo[2 * l] : hi[2 * l - Simd<A>::N];
-    (*odd)[l] = l < Simd<A>::N / 2 ? lo[2 * l + 1] : hi[2 * l + 1 - Simd<A>::N];
-  }
+  typename Simd<A>::V lo, hi;
+  std::memcpy(&lo, p, sizeof(lo));
+  std::memcpy(&hi, p + Simd<A>::N, sizeof(hi));
+  split_even_odd<A>(lo, hi, even, odd);
 }
 
 // Stores the vector v (of some Simd<A>::V) to p as T.
