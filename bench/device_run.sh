@@ -46,8 +46,13 @@ step sweep 60 bash -c "$PY -m bench.sweep --op dw --mode infer --setting MOBILEN
 --setting MOBILENET_EXT_VEC_OCC=1 && \
 $PY -m bench.sweep --op dw --mode train --setting MOBILENET_EXT_DW_TILE=1 \
 --setting MOBILENET_EXT_DW_SPLIT=0 --repeats 15 && \
-$PY -m bench.sweep --op pw --mode train --setting MOBILENET_EXT_VEC=0 --repeats 15"
-step profile 30 bash -c "$PY -m bench.profile --op dw --mode train --steps 3 \
---layer '144@56x56 s1' && $PY -m bench.profile --op pw --mode train --steps 3 --layer \
-'expand 24->144@56x56'"
+$PY -m bench.sweep --op pw --mode train --setting MOBILENET_EXT_PW_SAVE=1 \
+--setting MOBILENET_EXT_VEC=0 --repeats 15"
+step profile 45 bash -c "$PY -m bench.profile --op dw --mode train --steps 3 \
+--layer '144@56x56 s1' && MOBILENET_EXT_DW_TILE=1 $PY -m bench.profile --op dw --mode train \
+--steps 3 --layer '144@56x56 s1' && $PY -m bench.profile --op pw --mode train --steps 3 \
+--layer 'expand 24->144@56x56'"
+# the whole model with both unmeasured variants on (the bench step above has the defaults)
+step model_knobs 45 env MOBILENET_EXT_DW_TILE=1 MOBILENET_EXT_PW_SAVE=1 $PY -m bench --op model \
+  --mode train --providers eager,ours --batch 128 --repeats 10 --warmup 2
 cat "$LOG"

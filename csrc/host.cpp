@@ -184,13 +184,13 @@ at::Tensor pw_conv_not_saved(const at::Tensor& x) {
   return at::empty({0}, x.options().dtype(acc_type(x.scalar_type())));
 }
 
-at::Tensor pw_check_saved_conv(const PwGeom& g, const at::Tensor& x, const at::Tensor& conv) {
-  const auto acc = acc_type(x.scalar_type());
+at::Tensor pw_check_saved_conv(const PwGeom& g, const at::Tensor& x, const at::Tensor& conv,
+                               at::ScalarType dtype) {
   const std::vector<int64_t> y_sizes{g.N, g.Cout, g.H, g.W};
-  TORCH_CHECK_VALUE(conv.sizes() == at::IntArrayRef(y_sizes) && conv.scalar_type() == acc &&
+  TORCH_CHECK_VALUE(conv.sizes() == at::IntArrayRef(y_sizes) && conv.scalar_type() == dtype &&
                         conv.device() == x.device(),
                     "conv: expected the conv output pw_fwd saved (shape ", at::IntArrayRef(y_sizes),
-                    ", dtype ", acc, ", on ", x.device(), "), got shape ", conv.sizes(), ", dtype ",
+                    ", dtype ", dtype, ", on ", x.device(), "), got shape ", conv.sizes(), ", dtype ",
                     conv.scalar_type(), " on ", conv.device());
   return conv.contiguous(g.format());
 }
@@ -300,9 +300,10 @@ std::tuple<at::Tensor, at::Tensor> fold_bn(const at::Tensor& bn_weight, const at
   return {scale.contiguous(), shift.contiguous()};
 }
 
-// Row-major [rows, C] view of a channels_last (N, C, H, W) tensor.
+// Row-major [rows, C] view of a channels_last (N, C, H, W) tensor. Explicit sizes, not
+// -1: a 0-element reshape to {-1, 0} is ambiguous (throws) when C == 0.
 static at::Tensor cl_matrix(const at::Tensor& t) {
-  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
+  return t.permute({0, 2, 3, 1}).reshape({t.size(0) * t.size(2) * t.size(3), t.size(1)});
 }
 
 // (N, C, rows, cols) channels_last tensor from a row-major [N*rows*cols, C] matrix.
@@ -327,7 +328,8 @@ at::Tensor pw_conv_gemm(const PwGeom& g, const at::Tensor& x, const at::Tensor& 
 void pw_conv_gemm_out(const PwGeom& g, const at::Tensor& x, const at::Tensor& w2,
                       at::Tensor& out) {
   if (g.channels_last) {
-    auto m = out.permute({0, 2, 3, 1}).view({-1, g.Cout});  // [N*H*W, Cout], out's memory
+    // [N*H*W, Cout], out's memory (explicit sizes: Cout may be 0)
+    auto m = out.permute({0, 2, 3, 1}).view({g.N * g.H * g.W, g.Cout});
     at::mm_out(m, cl_matrix(x), w2.t());
     return;
   }

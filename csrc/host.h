@@ -89,9 +89,11 @@ PwGeom pw_bwd_check(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
 // the accumulation dtype of x.
 at::Tensor pw_conv_not_saved(const at::Tensor& x);
 
-// pw_bwd's conv argument (the conv output pw_fwd saved): checked against the
-// geometry, returned contiguous in the layout of y.
-at::Tensor pw_check_saved_conv(const PwGeom& g, const at::Tensor& x, const at::Tensor& conv);
+// pw_bwd's conv argument (the conv output pw_fwd saved, in `dtype`: the accumulation
+// dtype on CPU, x's on CUDA): checked against the geometry, returned contiguous in the
+// layout of y.
+at::Tensor pw_check_saved_conv(const PwGeom& g, const at::Tensor& x, const at::Tensor& conv,
+                               at::ScalarType dtype);
 
 // The three GEMMs of the 1x1 conv, in the dtype of their inputs, with no layout
 // conversion: channels_last is [N*H*W, Cin] x [Cin, Cout], NCHW is

@@ -59,8 +59,8 @@ TORCH_LIBRARY(mobilenet_ext, m) {
       "Tensor mean, Tensor invstd, int stride, int padding, int dilation, bool training, "
       "str act) -> (Tensor, Tensor, Tensor, Tensor)");
   // y = act(BN(conv1x1(x))) + residual. Same statistics outputs as dw_fwd. The
-  // fourth output is the conv output in the accumulation dtype, laid out like y,
-  // when save_conv (for pw_bwd; only the CPU kernels keep it), else an empty tensor.
+  // fourth output is the conv output laid out like y when save_conv (for pw_bwd; in
+  // the accumulation dtype on CPU, in x's dtype on CUDA), else an empty tensor.
   m.def(
       "pw_fwd(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor? running_mean, "
       "Tensor? running_var, Tensor? residual, bool training, float eps, str act, "

@@ -7,6 +7,7 @@ buffers from them, in place and without grad, exactly as `nn.BatchNorm2d` does.
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 
@@ -209,9 +210,13 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
             training=training, momentum=momentum, eps=eps, act=act)
     # The CPU kernels keep the conv output for the backward op when it will run (a
     # gradient of x, weight or the BN parameters is needed): one GEMM fewer there. The
-    # CUDA and Triton backwards recompute it.
-    save_conv = backend == "cpu" and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias))
+    # CUDA kernels keep it (in x's dtype) when MOBILENET_EXT_PW_SAVE=1, else recompute
+    # it: which is faster is for a GPU run to say (bench/NOTES.md). Read at every call,
+    # and once per trace under torch.compile. The Triton backwards recompute it.
+    save_conv = (backend == "cpu" or (backend == "cuda" and
+                                      os.environ.get("MOBILENET_EXT_PW_SAVE") == "1")) and \
+        torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias))
     return _run_fused("pw_fwd", backend, x, weight.shape[0], bn_weight, bn_bias,
                       running_mean, running_var, training, momentum, eps,
                       (weight, residual, training, eps, act, save_conv))
@@ -256,7 +261,10 @@ def _pw_fwd_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, resid
     fmt = _memory_format(x)
     y = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
     acc = _acc_dtype(x.dtype)
-    conv = (torch.empty((n, c, h, w), dtype=acc, device=x.device, memory_format=fmt)
+    # the saved conv output: in the accumulation dtype on CPU, in x's on CUDA (the GEMM's
+    # output as eager keeps it)
+    saved = x.dtype if x.device.type == "cuda" else acc
+    conv = (torch.empty((n, c, h, w), dtype=saved, device=x.device, memory_format=fmt)
             if save_conv else x.new_empty((0,), dtype=acc))
     return y, x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc), conv
 

@@ -70,7 +70,8 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
 def pw_fwd(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training, eps,
            act, save_conv=False):
     """Reference of the registered op `mobilenet_ext::pw_fwd`: (y, mean, invstd, conv), conv
-    the conv output in the accumulation dtype when save_conv, else an empty tensor."""
+    the conv output in the accumulation dtype when save_conv (the CPU kernels' dtype; the
+    CUDA kernels keep x's), else an empty tensor."""
     conv = F.conv2d(x, weight)
     y, mean, invstd = _bn_act(conv, bn_weight, bn_bias, running_mean, running_var, training, eps,
                               act)

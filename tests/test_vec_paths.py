@@ -4,6 +4,8 @@ and every tensor is 16-byte aligned) and the scalar one (everything else, or
 MOBILENET_EXT_VEC=0). Both against reference.py on MobileNet-like shapes, forward
 (eval and training) and backward, with poisoned outputs; plus a misaligned input
 that must take the scalar path. GPU only: the CPU kernels have no such switch."""
+import re
+
 import pytest
 import torch
 
@@ -131,10 +133,14 @@ def test_pw_paths(monkeypatch, case, dtype, training, residual, vec, misaligned)
             ("dx", "dweight", "dgamma", "dbeta", "dresidual"), dtype)
 
 
+@pytest.mark.parametrize("tile", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dw_unread_column_inf(dtype):
+def test_dw_unread_column_inf(monkeypatch, dtype, tile):
     """Stride 2, pad 0, even W: no output reads x's last column, yet the vector path's
-    last strip loads it. An inf there must not reach dweight or dgamma (0 * inf)."""
+    last strip loads it (the strip kernels from global memory, the tile kernels,
+    MOBILENET_EXT_DW_TILE=1, from the staged tile). An inf there must not reach dweight
+    or dgamma (0 * inf)."""
+    monkeypatch.setenv("MOBILENET_EXT_DW_TILE", tile)
     n, c, h, w, k, s = 2, 24, 8, 8, 3, 2
     x = torch.randn(n, c, h, w, device="cuda", dtype=dtype) \
         .contiguous(memory_format=torch.channels_last)
@@ -207,9 +213,9 @@ def test_dw_knobs(monkeypatch, case, dtype, training, knobs):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", TILE_CASES)
 def test_dw_tile(monkeypatch, case, dtype, training):
-    """The apply and (training) statistics stages through the shared-memory tile kernels
-    (MOBILENET_EXT_DW_TILE=1) for every k and stride: against the reference as
-    test_dw_paths (y and the gradients), plus the batch mean and invstd against the
+    """The forward stages through the shared-memory tile kernels (MOBILENET_EXT_DW_TILE=1)
+    for every k and stride: against the reference as test_dw_paths (y and the gradients,
+    so the backward tile kernels too), plus the batch mean and invstd against the
     reference in training; in eval, y bit for bit against the strip kernel (same tap
     order, same epilogue). In training the statistics merge the same values in another
     order, so y is only close to the strip kernels' (test_dw_paths checks it)."""
@@ -240,3 +246,54 @@ def test_dw_tile(monkeypatch, case, dtype, training):
     for i in (1, 2):  # mean, invstd of the tile and the strip statistics kernels
         check_close(outs[0][i], eager[i], want[i], factor=2, dtype=dtype)
         check_close(outs[1][i], eager[i], want[i], factor=2, dtype=dtype)
+
+
+def kernel_names(fn):
+    """fn() run under the CUDA profiler: its result and the names of the kernels it ran."""
+    poison_allocator("cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    return out, " ".join(e.name for e in prof.events())
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", TILE_CASES)
+def test_dw_tile_backward(monkeypatch, case, dtype, training):
+    """The backward stages through the shared-memory tile kernels: the sums for every k,
+    dc and the weight gradient (two kernels) at k = 3, dx at stride 1. The profiler shows
+    that each ran with MOBILENET_EXT_DW_TILE=1 and none without it. In eval, dc does not
+    depend on the sums, so dx is bit for bit the strip kernels' (same conv of dc, same dc
+    epilogue); the reductions (dweight, dgamma, dbeta) add the same values grouped
+    otherwise, so they are only close, both against the reference (test_dw_tile runs
+    test_dw_paths with the knob) and here against the strip kernels'."""
+    n, c, h, w, k, s, pad = case
+    x = channels_last(torch.randn(n, c, h, w, device="cuda", dtype=dtype), False)
+    weight = torch.randn(c, 1, k, k, device="cuda", dtype=dtype) / k
+    g, b, rm, rv = bn_params(c, "cuda")
+    act = "relu6" if dtype == torch.float32 else "hardswish"
+    monkeypatch.delenv("MOBILENET_EXT_DW_TILE", raising=False)
+    _, mean, invstd = op.dw_fwd(x, weight, g, b, rm, rv, s, pad, 1, training, 1e-5, act)
+    ho, wo = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+    dy = channels_last(torch.randn(n, c, ho, wo, device="cuda", dtype=dtype), False)
+    outs, kernels = [], []
+    for tile in ("1", "0"):
+        monkeypatch.setenv("MOBILENET_EXT_DW_TILE", tile)
+        out, names = kernel_names(lambda: op.dw_bwd(dy, x, weight, g, b, mean, invstd, s, pad,
+                                                    1, training, act))
+        outs.append(out)
+        kernels.append(names)
+    assert "dw_tile_sums_kernel" in kernels[0]
+    assert ("dw_tile_dweight_kernel" in kernels[0]) == (k == 3)
+    assert bool(re.search(r"dw_tile_apply_kernel<[^>]*true>", kernels[0])) == (k == 3)  # dc
+    assert bool(re.search(r"dw_tile_apply_kernel<[^>]*false>", kernels[0])) == (s == 1)  # dx
+    assert "dw_tile_" not in kernels[1]
+    for name, a, e in zip(("dx", "dweight", "dgamma", "dbeta"), *outs):
+        assert torch.isfinite(a).all(), name
+        if name == "dx" and not training:
+            assert torch.equal(a, e), name
+        else:
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol * e.abs().max().item(),
+                                       msg=name)

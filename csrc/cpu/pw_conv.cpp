@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cpu(
   auto xa = x.to(acc);
   at::Tensor conv, dc;
   if (saved_conv.has_value()) {
-    conv = pw_check_saved_conv(g, x, *saved_conv);
+    conv = pw_check_saved_conv(g, x, *saved_conv, acc);
     dc = at::empty_like(conv);  // the saved tensor stays as it is (retain_graph)
   } else {
     conv = conv1x1(g, xa, weight, w2);

@@ -1,11 +1,13 @@
-// The depthwise apply stage (y = act(conv * scale + shift), vec_apply_kernel's
-// semantics) and statistics stage (vec_stats_kernel's partials) with each block's
-// input tile staged through shared memory: the variants behind
-// MOBILENET_EXT_DW_TILE=1 (dw_vec.cu), for the vector path's geometries
-// (channels_last, C % V == 0, 16-byte aligned tensors). Both kernels share the
-// staging (stage_tile) and the strip conv from shared memory (tile_strip_conv); the
-// apply kernel runs one tile per block, the statistics kernel a grid-stride loop
-// of tiles per chunk.
+// The depthwise stages of the vector path with each block's input tile staged
+// through shared memory: the variants behind MOBILENET_EXT_DW_TILE=1 (dw_vec.cu), for
+// the vector path's geometries (channels_last, C % V == 0, 16-byte aligned tensors).
+// Kernels of one tile per block: apply (y = act(conv * scale + shift), vec_apply_kernel's
+// semantics; also dx at stride 1, the conv of dc with the taps reversed) and dc (the
+// backward's dc = a*dz + b*conv + d, vec_bwd_dc_kernel without taps). Kernels of a
+// grid-stride loop of tiles per chunk, writing the strip kernels' partials: batch
+// statistics (vec_stats_kernel), backward sums (vec_bwd_sums_kernel) and the weight
+// gradient from the stored dc (vec_dweight_kernel). All of them stage the tile alike
+// (stage_tile) and walk a strip's input window in it alike (tile_for_inputs).
 //
 // Why: vec_apply_kernel loads each thread's (R-1)*S + K input columns per kernel
 // row straight from global memory into registers, so the bytes in flight per SM
@@ -38,9 +40,10 @@
 //
 // The conv accumulates exactly as DwStrip::conv (load_wrow, strip_fma: kernel
 // rows ascending, input columns ascending, fp32 FMA out += w * x, taps outside
-// the image skipped) and the epilogue is the same apply_store, so y is
-// bit-identical to vec_apply_kernel's. The statistics are the same strip values
-// merged in another order (see dw_tile_stats_kernel).
+// the image skipped) and the epilogues are the strip kernels' (apply_store,
+// dc_store), so y, dx and dc are bit-identical to the strip kernels'. The reductions
+// (statistics, backward sums, weight-gradient taps) add the same strip values grouped
+// in another order (see dw_tile_stats_kernel).
 #include <climits>
 
 #include "vec_tile.cuh"
@@ -62,10 +65,15 @@ struct TileShape {
   static constexpr int kTH = S == 1 ? 8 : (K == 3 ? 4 : (K == 5 ? 3 : 2));
   static constexpr int kThreads = 32 * kTH;
   static constexpr int kMinBlocks = S == 1 ? (K == 3 ? 3 : 2) : (K == 7 ? 4 : 5);
-  // dw_tile_stats_kernel keeps a Welford state (2V + 1 floats) live across the conv:
+  // The statistics kernel keeps a Welford state (2V + 1 floats) live across the conv:
   // at K=3 S=1, fp16/bf16, 101-105 registers, and capped at 80 for 3 blocks it spills
-  // 80 B; 2 blocks, no spills, until a GPU run compares the two
-  static constexpr int kStatsMinBlocks = S == 1 && K == 3 ? 2 : kMinBlocks;
+  // 80 B; 2 blocks, no spills, until a GPU run compares the two.
+  static constexpr int kRedMinBlocks = S == 1 && K == 3 ? 2 : kMinBlocks;
+  // The backward kernels keep more (sums: two V-float sums and the BN factors; dc: dz
+  // and five V-float factors; weight gradient: K*K*V tap sums, 72 floats at K=3 fp16):
+  // 128-165 registers at fp16 (ptxas, sm_90). 2 blocks of 256 threads at stride 1 (128
+  // registers: no spills at K=3, 28-144 B at K=5, 7), 3 of 64-128 at stride 2 (170+).
+  static constexpr int kBwdMinBlocks = S == 1 ? 2 : 3;
   static constexpr int kRows = (kTH - 1) * S + K;  // input rows of the tile
 };
 
@@ -88,8 +96,9 @@ TileLayout tile_layout(int cg) {
   return l;
 }
 
-// One launch, passed by value: x (N, Hin, Win, C) and the weights (K*K, C) in T
-// (y is in VecArgs), the layout and the grid's tile counts.
+// One launch, passed by value: the conv's input x (N, Hin, Win, C; for dx: dc) and
+// its weights (K*K, C; for dx: reversed) in T (outputs are in VecArgs), the layout and
+// the grid's tile counts.
 template <typename T>
 struct DwTile {
   const T* x;
@@ -204,42 +213,85 @@ __device__ __forceinline__ void stage_tile(const DwTile<T>& t, const TileOrigin&
   copy16_wait();
 }
 
-// c = the conv of this thread's strip from the staged tile, accumulated as
-// DwStrip::conv (the header). Its input window: tile row row*S, tile column
-// strip*R*S, image pixel (hs, ws).
-template <typename T, int K, int S>
-__device__ __forceinline__ void tile_strip_conv(const DwTile<T>& t, const TileOrigin& o,
+// For every kernel row i inside the image: row_fn(i), then col_fn(i, col, x values)
+// for every column col of this thread's strip window inside the image (taps outside
+// it contribute zero), from the staged tile, in DwStrip::for_inputs' order. The
+// window: tile row row*S, tile column strip*R*S, image pixel (hs, ws).
+template <typename T, int K, int S, typename RowF, typename ColF>
+__device__ __forceinline__ void tile_for_inputs(const DwTile<T>& t, const TileOrigin& o,
                                                 const TileThread& th, const uint4* tile,
-                                                float (&c)[kDwR][Vec<T>::V]) {
-  constexpr int V = Vec<T>::V, R = kDwR, RS = R * S, kCols = (R - 1) * S + K;
+                                                RowF&& row_fn, ColF&& col_fn) {
+  constexpr int V = Vec<T>::V, RS = kDwR * S, kCols = (kDwR - 1) * S + K;
   const int CG = t.l.cg, skew = t.l.skew, pitch = t.l.pitch;
   const uint4* xs = tile + th.row * S * pitch + th.strip * (RS * CG + skew) + th.gl;
   const int hs = o.hi0 + th.row * S, ws = o.wi0 + th.strip * RS;
 #pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int v = 0; v < V; ++v) c[r][v] = 0.f;
-#pragma unroll
   for (int i = 0; i < K; ++i) {
     if (hs + i < 0 || hs + i >= t.Hin) continue;
-    float wrow[K][V];
-    load_wrow<K>(t.wt, t.C, th.g * V, i, wrow);
+    row_fn(i);
     const uint4* xr = xs + i * pitch;
 #pragma unroll
     for (int col = 0; col < kCols; ++col) {
       if (ws + col < 0 || ws + col >= t.Win) continue;
       float xv[V];
       vload<V>(reinterpret_cast<const T*>(xr + col * CG + col / RS * skew), xv);
-      strip_fma<K, S>(col, wrow, xv, c);
+      col_fn(i, col, xv);
     }
   }
 }
 
+// c = the conv of this thread's strip from the staged tile, accumulated as
+// DwStrip::conv (the header).
+template <typename T, int K, int S>
+__device__ __forceinline__ void tile_strip_conv(const DwTile<T>& t, const TileOrigin& o,
+                                                const TileThread& th, const uint4* tile,
+                                                float (&c)[kDwR][Vec<T>::V]) {
+  constexpr int V = Vec<T>::V;
+#pragma unroll
+  for (int r = 0; r < kDwR; ++r)
+#pragma unroll
+    for (int v = 0; v < V; ++v) c[r][v] = 0.f;
+  float wrow[K][V];
+  tile_for_inputs<T, K, S>(
+      t, o, th, tile, [&](int i) { load_wrow<K>(t.wt, t.C, th.g * V, i, wrow); },
+      [&](int, int col, const float (&xv)[V]) { strip_fma<K, S>(col, wrow, xv, c); });
+}
+
+// The grid-stride loop of the reduction kernels: grid (cg_blocks, chunks), blockIdx.y
+// the chunk, whose block takes tiles blockIdx.y, blockIdx.y + chunks, ... (concurrent
+// chunks on neighbouring tiles, the channel blocks of a tile side by side as in the
+// one-tile kernels), so every chunk the host sized the workspace for writes its
+// partial (zero when it got no tile). For each tile: stage it, then f(origin, ho, wo,
+// nv) for this thread's strip (output row ho, first column wo, nv valid columns) when
+// its group is active and the strip inside the output; every thread passes both
+// barriers.
+template <typename T, int K, int S, typename F>
+__device__ __forceinline__ void for_block_tiles(const DwTile<T>& t, const TileThread& th,
+                                                int tiles, uint4* tile, F&& f) {
+  for (int k = blockIdx.y; k < tiles; k += gridDim.y) {
+    const TileOrigin o = tile_origin<K, S>(t, k);
+    stage_tile<T, K, S>(t, o, th, tile);
+    __syncthreads();
+    const int ho = o.ho0 + th.row, wo = o.wo0 + th.strip * kDwR;
+    if (th.active && ho < t.Hout && wo < t.Wout)
+      f(o, ho, wo, t.Wout - wo < kDwR ? t.Wout - wo : kDwR);
+    __syncthreads();  // every read of this tile done: the next copies (or the merge) reuse it
+  }
+}
+
+// Element offset of channel c0 of output pixel (n, ho, wo).
+template <typename T>
+__device__ __forceinline__ int64_t out_offset(const DwTile<T>& t, int n, int ho, int wo, int c0) {
+  return ((int64_t(n) * t.Hout + ho) * t.Wout + wo) * t.C + c0;
+}
+
 // One block per tile and channel block: blockIdx.x = tile * cg_blocks + channel
 // block, so the channel blocks of one tile run side by side (whole pixels from DRAM),
-// then the neighbouring tiles (their halos hit L2).
-template <typename T, int K, int S>
-__global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kMinBlocks)
+// then the neighbouring tiles (their halos hit L2). kDc false: y = apply_store(conv)
+// (a.y; dx when the tile's input is dc); true: the backward's dc (dc_store, a.dc).
+template <typename T, int K, int S, bool kDc>
+__global__ void __launch_bounds__(TileShape<K, S>::kThreads,
+                                  kDc ? TileShape<K, S>::kBwdMinBlocks : TileShape<K, S>::kMinBlocks)
     dw_tile_apply_kernel(const VecArgs a, const DwTile<T> t) {
   constexpr int V = Vec<T>::V, R = kDwR;
   extern __shared__ uint4 tile[];
@@ -253,28 +305,31 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kM
   float c[R][V];
   tile_strip_conv<T, K, S>(t, o, th, tile, c);
   const int c0 = th.g * V;
-  float sc[V], sh[V];
-  if (a.scale != nullptr) {
-    vload<V>(a.scale + c0, sc);
-    vload<V>(a.shift + c0, sh);
-  }
   const int nv = t.Wout - wo < R ? t.Wout - wo : R;
-  apply_store<T>(a, sc, sh, ((int64_t(o.n) * t.Hout + ho) * t.Wout + wo) * t.C + c0, nv, c);
+  const int64_t base = out_offset(t, o.n, ho, wo, c0);
+  if constexpr (kDc) {
+    DcCoef<V> k;
+    k.load(a, c0);
+    float g[R][V];
+    dc_store<T>(a, k, base, nv, c, g);
+  } else {
+    float sc[V], sh[V];
+    if (a.scale != nullptr) {
+      vload<V>(a.scale + c0, sc);
+      vload<V>(a.shift + c0, sh);
+    }
+    apply_store<T>(a, sc, sh, base, nv, c);
+  }
 }
 
-// The statistics stage (vec_stats_kernel's semantics and partials) from staged tiles.
-// Grid (cg_blocks, chunks): blockIdx.y is the chunk, whose block takes tiles
-// blockIdx.y, blockIdx.y + chunks, ... (concurrent chunks on neighbouring tiles, the
-// channel blocks of a tile side by side as in the apply kernel), so every chunk the
-// host sized the workspace for writes one partial per channel (count 0 when it got
-// no tile). Per thread: Welford over its strips' valid pixels (welford_strip; strips
-// past Hout/Wout and groups past C add nothing); then merged over the CG-strided
-// threads of each group (block_welford_y with tx = lane gl, ty = threadIdx.x / CG,
-// fixed tree order: deterministic). The partials are not bit-identical to
-// vec_stats_kernel's (another grouping of the same strips), the finalized statistics
-// agree to rounding.
+// The statistics stage (vec_stats_kernel's semantics and partials) from staged tiles
+// (for_block_tiles). Per thread: Welford over its strips' valid pixels
+// (welford_strip); then merged over the CG-strided threads of each group
+// (block_welford_y with tx = lane gl, ty = threadIdx.x / CG, fixed tree order:
+// deterministic). The partials are not bit-identical to vec_stats_kernel's (another
+// grouping of the same strips), the finalized statistics agree to rounding.
 template <typename T, int K, int S>
-__global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kStatsMinBlocks)
+__global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kRedMinBlocks)
     dw_tile_stats_kernel(const VecArgs a, const DwTile<T> t, int tiles) {
   constexpr int V = Vec<T>::V, R = kDwR;
   extern __shared__ uint4 tile[];
@@ -282,18 +337,11 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kS
   float mean[V], m2[V], n = 0.f;
 #pragma unroll
   for (int v = 0; v < V; ++v) mean[v] = m2[v] = 0.f;
-  for (int k = blockIdx.y; k < tiles; k += gridDim.y) {
-    const TileOrigin o = tile_origin<K, S>(t, k);
-    stage_tile<T, K, S>(t, o, th, tile);
-    __syncthreads();
-    const int ho = o.ho0 + th.row, wo = o.wo0 + th.strip * R;
-    if (th.active && ho < t.Hout && wo < t.Wout) {
-      float c[R][V];
-      tile_strip_conv<T, K, S>(t, o, th, tile, c);
-      welford_strip(c, t.Wout - wo < R ? t.Wout - wo : R, mean, m2, n);
-    }
-    __syncthreads();  // every read of this tile done: the next copies (or the merge) reuse it
-  }
+  for_block_tiles<T, K, S>(t, th, tiles, tile, [&](const TileOrigin& o, int, int, int nv) {
+    float c[R][V];
+    tile_strip_conv<T, K, S>(t, o, th, tile, c);
+    welford_strip(c, nv, mean, m2, n);
+  });
   const int CG = t.l.cg;
   block_welford_y<V>(th.gl, int(threadIdx.x) / CG, CG, int(blockDim.x) / CG, mean, m2, n,
                      reinterpret_cast<float*>(tile));
@@ -301,20 +349,81 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kS
     store_stats_partial(a.part, t.C, blockIdx.y, th.g * V, mean, m2, n);
 }
 
-// The launch arguments and tile count of p: false where no tile fits in 48 KB, or
+// The backward sums (vec_bwd_sums_kernel's partials [chunk][2][C]) from staged tiles:
+// per thread sums_strip over its strips, merged over the CG-strided threads of each
+// group (block_sum_vec, fixed order).
+template <typename T, int K, int S>
+__global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kBwdMinBlocks)
+    dw_tile_sums_kernel(const VecArgs a, const DwTile<T> t, int tiles) {
+  constexpr int V = Vec<T>::V, R = kDwR;
+  extern __shared__ uint4 tile[];
+  const TileThread th(t.l.cg, blockIdx.x, t.C, V);
+  const int c0 = th.g * V;
+  float s_dz[V], s_dzx[V], sc[V], sh[V], mean[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) s_dz[v] = s_dzx[v] = sc[v] = sh[v] = mean[v] = 0.f;
+  if (th.active) {
+    vload<V>(a.scale + c0, sc);
+    vload<V>(a.shift + c0, sh);
+    vload<V>(a.mean + c0, mean);
+  }
+  for_block_tiles<T, K, S>(t, th, tiles, tile, [&](const TileOrigin& o, int ho, int wo, int nv) {
+    float c[R][V];
+    tile_strip_conv<T, K, S>(t, o, th, tile, c);
+    sums_strip<T>(a, sc, sh, mean, out_offset(t, o.n, ho, wo, c0), nv, c, s_dz, s_dzx);
+  });
+  const int CG = t.l.cg, ty = int(threadIdx.x) / CG, by = int(blockDim.x) / CG;
+  float* smem = reinterpret_cast<float*>(tile);
+  block_sum_vec<V>(th.gl, ty, CG, by, s_dz, smem);
+  block_sum_vec<V>(th.gl, ty, CG, by, s_dzx, smem);
+  if (ty == 0 && th.active) store_sums_partial(a.part, t.C, blockIdx.y, c0, s_dz, s_dzx);
+}
+
+// The weight gradient (vec_dweight_kernel's partials [chunk][tap][C]) from the stored
+// dc and staged x tiles: per thread, over its strips' valid pixels, dc * x(tap)
+// (taps_fma, from the tile), merged over the CG-strided threads of each group
+// (store_taps_partial, fixed order).
+template <typename T, int K, int S>
+__global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kBwdMinBlocks)
+    dw_tile_dweight_kernel(const VecArgs a, const DwTile<T> t, int tiles) {
+  constexpr int V = Vec<T>::V, R = kDwR;
+  extern __shared__ uint4 tile[];
+  const TileThread th(t.l.cg, blockIdx.x, t.C, V);
+  const int c0 = th.g * V;
+  float dw[K * K][V];
+#pragma unroll
+  for (int k = 0; k < K * K; ++k)
+#pragma unroll
+    for (int v = 0; v < V; ++v) dw[k][v] = 0.f;
+  for_block_tiles<T, K, S>(t, th, tiles, tile, [&](const TileOrigin& o, int ho, int wo, int nv) {
+    float g[R][V];
+    load_dc_strip<T>(a, out_offset(t, o.n, ho, wo, c0), nv, g);
+    tile_for_inputs<T, K, S>(
+        t, o, th, tile, [](int) {},
+        [&](int i, int col, const float (&xv)[V]) { taps_fma<K, S>(i, col, nv, g, xv, dw); });
+  });
+  const int CG = t.l.cg;
+  store_taps_partial<K * K>(th.gl, int(threadIdx.x) / CG, CG, int(blockDim.x) / CG, dw,
+                            reinterpret_cast<float*>(tile), a.part, t.C, blockIdx.y, c0,
+                            th.active);
+}
+
+// The launch arguments and tile count of a conv of `in` (N, Hin, Win, C) with the
+// weights wt (K*K, C) into (N, Hout, Wout, C): false where no tile fits in 48 KB, or
 // the tile count does not fit an int.
 template <typename T, int K, int S>
-bool tile_args(const ConvLaunch& p, DwTile<T>* t, int* tiles) {
+bool tile_args(const void* in, const void* wt, int N, int C, int Hin, int Win, int Hout,
+               int Wout, int pad, DwTile<T>* t, int* tiles) {
   using Shape = TileShape<K, S>;
-  const int groups = p.C / Vec<T>::V;
+  const int groups = C / Vec<T>::V;
   TileLayout l;
-  if (!pick_tile<K, S>(groups, p.Wo, &l)) return false;
+  if (!pick_tile<K, S>(groups, Wout, &l)) return false;
   const int tw = 32 / l.cg * kDwR;
-  *t = DwTile<T>{static_cast<const T*>(p.x), static_cast<const T*>(p.wt), p.C, p.H, p.W, p.Ho,
-                 p.Wo, p.pad, l, (groups + l.cg - 1) / l.cg, (p.Wo + tw - 1) / tw,
-                 (p.Ho + Shape::kTH - 1) / Shape::kTH};
-  const int64_t n = int64_t(t->tiles_w) * t->tiles_h * p.N;
-  if (n > INT_MAX) return false;
+  *t = DwTile<T>{static_cast<const T*>(in), static_cast<const T*>(wt), C, Hin, Win, Hout, Wout,
+                 pad, l, (groups + l.cg - 1) / l.cg, (Wout + tw - 1) / tw,
+                 (Hout + Shape::kTH - 1) / Shape::kTH};
+  const int64_t n = int64_t(t->tiles_w) * t->tiles_h * N;
+  if (n > INT_MAX - 65535) return false;  // tile indices plus a grid stride fit an int
   *tiles = static_cast<int>(n);
   return true;
 }
@@ -325,42 +434,123 @@ size_t tile_bytes(const TileLayout& l) {
   return size_t(TileShape<K, S>::kRows) * l.pitch * 16;
 }
 
-}  // namespace
-
-template <typename T, int K, int S>
-cudaError_t dw_tile_apply(const ConvLaunch& p, cudaStream_t stream) {
-  DwTile<T> t;
-  int tiles;
-  if (!tile_args<T, K, S>(p, &t, &tiles)) return cudaErrorNotSupported;
+// One block per tile and channel block (dw_tile_apply_kernel).
+template <typename T, int K, int S, bool kDc>
+cudaError_t launch_per_tile(const VecArgs& a, const DwTile<T>& t, int tiles,
+                            cudaStream_t stream) {
   const int64_t blocks = int64_t(t.cg_blocks) * tiles;
   if (blocks > INT_MAX) return cudaErrorNotSupported;
   if (blocks == 0) return cudaSuccess;
-  dw_tile_apply_kernel<T, K, S>
+  dw_tile_apply_kernel<T, K, S, kDc>
       <<<static_cast<unsigned>(blocks), TileShape<K, S>::kThreads, tile_bytes<K, S>(t.l),
-         stream>>>(vec_args(p), t);
+         stream>>>(a, t);
   MBX_LAUNCH_CHECK();
   return cudaSuccess;
 }
 
-template <typename T, int K, int S>
-cudaError_t dw_tile_stats(const ConvLaunch& p, cudaStream_t stream) {
-  using Shape = TileShape<K, S>;
-  DwTile<T> t;
-  int tiles;
-  if (!tile_args<T, K, S>(p, &t, &tiles)) return cudaErrorNotSupported;
-  // the block merge reuses the tile's buffer: kThreads * (mean, m2: V floats; n), at
-  // most 17 KB, the tiles 22-48 KB (pick_tile)
-  const size_t merge = size_t(Shape::kThreads) * (2 * Vec<T>::V + 1) * sizeof(float);
-  const size_t smem = tile_bytes<K, S>(t.l) > merge ? tile_bytes<K, S>(t.l) : merge;
-  dw_tile_stats_kernel<T, K, S><<<dim3(t.cg_blocks, p.chunks), Shape::kThreads, smem, stream>>>(
-      vec_args(p), t, tiles);
-  MBX_LAUNCH_CHECK();
-  return vec_stats_finalize(p, stream);
+// Shared memory of a reduction kernel: the tile, or its block merge if larger (which
+// reuses the tile's buffer): kThreads * `floats` floats.
+template <int K, int S>
+size_t reduce_smem(const TileLayout& l, int floats) {
+  const size_t merge = size_t(TileShape<K, S>::kThreads) * floats * sizeof(float);
+  return tile_bytes<K, S>(l) > merge ? tile_bytes<K, S>(l) : merge;
 }
 
-#define MBX_TILE_INST_KS(T, K, S)                                            \
-  template cudaError_t dw_tile_apply<T, K, S>(const ConvLaunch&, cudaStream_t); \
-  template cudaError_t dw_tile_stats<T, K, S>(const ConvLaunch&, cudaStream_t);
+}  // namespace
+
+template <typename T, int K, int S>
+cudaError_t dw_tile_launch(VecStage stage, const ConvLaunch& p, cudaStream_t stream) {
+  using Shape = TileShape<K, S>;
+  constexpr int V = Vec<T>::V;
+  DwTile<T> t;
+  int tiles;
+  VecArgs a = vec_args(p);
+  if (stage == kVecDx) {
+    // stride 1: the conv of dc (N, Ho, Wo, C) with the taps reversed and padding
+    // K-1-pad, as the strip path's dx; stride 2 keeps the strip path's gather
+    if (S != 1 || p.pad > K - 1 || p.wt_flip == nullptr ||
+        !tile_args<T, K, S>(p.dc, p.wt_flip, p.N, p.C, p.Ho, p.Wo, p.H, p.W, K - 1 - p.pad, &t,
+                            &tiles))
+      return cudaErrorNotSupported;
+    a.scale = a.shift = nullptr;  // dx: a conv of dc, no BN, no activation
+    a.residual = nullptr;
+    a.y = p.dx;
+    return launch_per_tile<T, K, S, false>(a, t, tiles, stream);
+  }
+  if (!tile_args<T, K, S>(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad, &t, &tiles))
+    return cudaErrorNotSupported;
+  const dim3 reduce_grid(t.cg_blocks, p.chunks);
+  switch (stage) {
+    case kVecApply:
+      return launch_per_tile<T, K, S, false>(a, t, tiles, stream);
+    case kVecStats:
+      dw_tile_stats_kernel<T, K, S>
+          <<<reduce_grid, Shape::kThreads, reduce_smem<K, S>(t.l, 2 * V + 1), stream>>>(a, t,
+                                                                                        tiles);
+      MBX_LAUNCH_CHECK();
+      return vec_stats_finalize(p, stream);
+    case kVecBwdSums:
+      dw_tile_sums_kernel<T, K, S>
+          <<<reduce_grid, Shape::kThreads, reduce_smem<K, S>(t.l, V), stream>>>(a, t, tiles);
+      break;
+    case kVecBwdDc:
+      // dc, then the weight gradient from it (the strip path's split variant); K*K*V tap
+      // sums per thread fit in registers for K == 3 only, as on the strip path
+      if constexpr (K == 3) {
+        const cudaError_t err = launch_per_tile<T, K, S, true>(a, t, tiles, stream);
+        if (err != cudaSuccess) return err;
+        dw_tile_dweight_kernel<T, K, S>
+            <<<reduce_grid, Shape::kThreads, reduce_smem<K, S>(t.l, V), stream>>>(a, t, tiles);
+        break;
+      } else {
+        return cudaErrorNotSupported;
+      }
+    default:
+      return cudaErrorNotSupported;
+  }
+  MBX_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+namespace {
+
+// The reduction kernels' chunk count for a tiled launch: about 4 blocks per SM in all
+// (as vec_reduce_chunks), at most one chunk per tile; 0 where no tile fits.
+template <typename T, int K, int S>
+int tile_chunks(const ConvLaunch& p) {
+  DwTile<T> t;
+  int tiles;
+  if (!tile_args<T, K, S>(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad, &t, &tiles))
+    return 0;
+  int64_t k = (int64_t(sm_count()) * 4 + t.cg_blocks - 1) / t.cg_blocks;
+  if (k > tiles) k = tiles;
+  if (k > 65535) k = 65535;
+  return k < 1 ? 1 : static_cast<int>(k);
+}
+
+template <typename T>
+int tile_chunks_k(const ConvLaunch& p) {
+  switch (p.K) {
+    case 3: return p.stride == 1 ? tile_chunks<T, 3, 1>(p) : tile_chunks<T, 3, 2>(p);
+    case 5: return p.stride == 1 ? tile_chunks<T, 5, 1>(p) : tile_chunks<T, 5, 2>(p);
+    case 7: return p.stride == 1 ? tile_chunks<T, 7, 1>(p) : tile_chunks<T, 7, 2>(p);
+    default: return 0;
+  }
+}
+
+}  // namespace
+
+int dw_tile_chunks(const ConvLaunch& p) {
+  switch (p.dtype) {
+    case kF32: return tile_chunks_k<float>(p);
+    case kF16: return tile_chunks_k<__half>(p);
+    case kBF16: return tile_chunks_k<__nv_bfloat16>(p);
+    default: return 0;
+  }
+}
+
+#define MBX_TILE_INST_KS(T, K, S) \
+  template cudaError_t dw_tile_launch<T, K, S>(VecStage, const ConvLaunch&, cudaStream_t);
 #define MBX_TILE_INST(T)     \
   MBX_TILE_INST_KS(T, 3, 1)  \
   MBX_TILE_INST_KS(T, 3, 2)  \

@@ -1,8 +1,7 @@
 // The depthwise op's vectorised channels_last path: the strip source of
 // vec_tile.cuh instantiated for every (dtype, kernel size, stride), and the
 // dispatch that tells the caller (dw_conv.cu) when to take the scalar kernels
-// (the shared-memory tile variants of the apply and statistics stages are
-// dw_tile.cu).
+// (the shared-memory tile variants of the stages are dw_tile.cu).
 #include <cstdlib>
 #include <cstring>
 
@@ -28,14 +27,14 @@ cudaError_t run_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) 
   const VecGrid g = VecGrid::make(p.C, Vec<T>::V);
   const dim3 block(g.bx, g.by), reduce_grid(g.gx, p.chunks);
   const Strip<T, K, S> src(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad);
+  // the shared-memory tile kernels, when asked for, before every strip variant
+  if (env_int("MOBILENET_EXT_DW_TILE", 0) == 1) {
+    const cudaError_t err = dw_tile_launch<T, K, S>(stage, p, stream);
+    if (err != cudaErrorNotSupported) return err;
+  }
   switch (stage) {
     case kVecApply:
-      // the measured variants (knobs: vec_tile.cuh, env_int); the shared-memory tile
-      // kernel, when asked for, before the K == 3 ones
-      if (env_int("MOBILENET_EXT_DW_TILE", 0) == 1) {
-        const cudaError_t err = dw_tile_apply<T, K, S>(p, stream);
-        if (err != cudaErrorNotSupported) return err;
-      }
+      // the measured variants (knobs: vec_tile.cuh, env_int)
       if constexpr (K == 3) {
         if (env_int("MOBILENET_EXT_VEC_R", kDwR) == 2) {
           const DwStrip<T, K, S, 2> src2(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad);
@@ -43,16 +42,11 @@ cudaError_t run_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) 
         }
         if (env_int("MOBILENET_EXT_VEC_OCC", 3) >= 3) {
           vec_apply_kernel<T, Strip<T, K, S>, 3><<<vec_apply_grid(g, src), block, 0, stream>>>(a, src);
-          break;
+          MBX_LAUNCH_CHECK();
+          return cudaSuccess;
         }
       }
       return vec_launch_apply<T>(p, a, src, stream);
-    case kVecStats:
-      if (env_int("MOBILENET_EXT_DW_TILE", 0) == 1) {
-        const cudaError_t err = dw_tile_stats<T, K, S>(p, stream);
-        if (err != cudaErrorNotSupported) return err;
-      }
-      return vec_launch_stage<T>(stage, p, a, src, stream);
     case kVecBwdDc:
       // K*K*V weight-gradient accumulators per thread: registers for K == 3 only
       if constexpr (K != 3) {
@@ -61,7 +55,8 @@ cudaError_t run_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) 
         const cudaError_t err = vec_launch_dc<T>(p, a, NoTaps<Strip<T, K, S>>(src), stream);
         if (err != cudaSuccess) return err;
         vec_dweight_kernel<T><<<reduce_grid, block, 0, stream>>>(a, src);
-        break;
+        MBX_LAUNCH_CHECK();
+        return cudaSuccess;
       } else {
         return vec_launch_dc<T>(p, a, src, stream);
       }
@@ -82,8 +77,6 @@ cudaError_t run_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) 
     default:
       return vec_launch_stage<T>(stage, p, a, src, stream);
   }
-  MBX_LAUNCH_CHECK();
-  return cudaSuccess;
 }
 
 template <typename T>
@@ -110,6 +103,12 @@ bool dw_vec_geometry(const ConvLaunch& p) {
 }
 
 int dw_vec_chunks(const ConvLaunch& p) {
+  // the tile kernels' reductions loop over tiles, not strips: as many chunks as fill
+  // the GPU, at most one per tile (the strip and scalar kernels take any count)
+  if (env_int("MOBILENET_EXT_DW_TILE", 0) == 1) {
+    const int k = dw_tile_chunks(p);
+    if (k > 0) return k;
+  }
   const int64_t items = int64_t(p.N) * p.Ho * ((p.Wo + kDwR - 1) / kDwR);
   return vec_reduce_chunks(VecGrid::make(p.C, vec_width(p.dtype)), items);
 }

@@ -68,16 +68,18 @@ bool vec_enabled();
 cudaError_t dw_vec_launch(VecStage stage, const ConvLaunch& p, cudaStream_t stream);
 // num_chunks of dw_vec_launch's reductions.
 int dw_vec_chunks(const ConvLaunch& p);
-// Depthwise, dw_vec_launch's apply stage through a shared-memory input tile per
-// block (dw_tile.cu; taken when MOBILENET_EXT_DW_TILE=1), for the geometries and
-// pointers dw_vec_launch accepts; T in {float, __half, __nv_bfloat16}, K in {3, 5,
-// 7}, S in {1, 2}. cudaErrorNotSupported where its grid would not fit.
+// Depthwise, dw_vec_launch's stages through a shared-memory input tile per block
+// (dw_tile.cu; taken when MOBILENET_EXT_DW_TILE=1), for the geometries and pointers
+// dw_vec_launch accepts, with the same outputs and partials (kVecStats includes its
+// finalize; kVecBwdDc writes dc and then the weight-gradient partials in a second
+// kernel); T in {float, __half, __nv_bfloat16}, K in {3, 5, 7}, S in {1, 2}.
+// cudaErrorNotSupported for kVecBwdDc at K != 3, kVecDx at stride 2 or pad > K - 1,
+// and where no tile fits or a grid would not: the caller takes the strip kernels.
 template <typename T, int K, int S>
-cudaError_t dw_tile_apply(const ConvLaunch& p, cudaStream_t stream);
-// The same for the statistics stage (with its finalize): p.chunks partials per
-// channel in the layout stats_finalize_kernel reads, as the strip kernel writes.
-template <typename T, int K, int S>
-cudaError_t dw_tile_stats(const ConvLaunch& p, cudaStream_t stream);
+cudaError_t dw_tile_launch(VecStage stage, const ConvLaunch& p, cudaStream_t stream);
+// The chunk count (p.chunks) for the tile kernels' reductions of p (sized by tiles, not
+// strips), 0 where they do not apply; dw_vec_chunks takes it with MOBILENET_EXT_DW_TILE=1.
+int dw_tile_chunks(const ConvLaunch& p);
 
 // Depthwise: training batch statistics -> mean, invstd, scale, shift.
 cudaError_t dw_stats_launch(const ConvLaunch& p, cudaStream_t stream);

@@ -7,8 +7,9 @@
 namespace mbx {
 namespace {
 
-// The conv output at a pixel, read from the GEMM result: in T (forward, where it
-// becomes y in place) or in A (backward, where dgamma sums dz*(conv - mean)).
+// The conv output at a pixel, read from the GEMM result: in T (the forward, where it
+// is y's own buffer unless saved, and a saved one in the backward) or in A (the
+// backward's fp32 recompute, conv_acc).
 template <typename T, typename A>
 struct BufSrc {
   static constexpr int kTaps = 0;

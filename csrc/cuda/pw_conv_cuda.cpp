@@ -5,11 +5,15 @@
 // (eager: conv, BN, activation and add, four kernels). Training adds one
 // statistics pass over the conv output.
 //
-// Backward recomputes the conv output with one more GEMM instead of saving it:
-// the op saves x, weight and two per-channel vectors only (eager keeps the conv
-// and BN outputs), for a third more backward GEMM flops. (The CPU kernels keep
-// it instead, pw_fwd's save_conv: there the GEMMs are most of a training step.
-// On a GPU the choice is unmeasured: bench/NOTES.md.)
+// Backward recomputes the conv output with one more GEMM (in fp32, written as
+// such) unless pw_fwd saved it (save_conv, which ops.py asks for on CUDA only with
+// MOBILENET_EXT_PW_SAVE=1): then the forward's GEMM writes the conv output into a
+// tensor of its own in x's dtype, as eager keeps it, the epilogue writes y out of
+// place, and the backward reads it. Recomputing keeps x, weight and two
+// per-channel vectors only; saving keeps one y-sized tensor more (eager keeps the
+// conv and BN outputs) and saves the backward a GEMM and the 4-byte conv buffer's
+// traffic. Which is faster is unmeasured (bench/NOTES.md); the CPU kernels always
+// save it, there the GEMMs are most of a training step.
 //
 // Eval forward in fp16/bf16 channels_last takes one fused kernel instead
 // (pw_fused.cu: GEMM on tensor cores with the epilogue applied in registers/shared
@@ -102,10 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_fwd_cuda(
     bool training, double eps, c10::string_view act, bool save_conv) {
   PwGeom g = pw_check(x_, weight, bn_weight, bn_bias, running_mean, running_var, residual,
                       training, act);
-  TORCH_CHECK_VALUE(!save_conv, "save_conv: only the CPU kernels keep the conv output; the CUDA "
-                    "backward recomputes it (pass save_conv=False)");
   c10::cuda::CUDAGuard guard(x_.device());
-  if (use_pw_fused(g, x_, training)) {
+  if (!save_conv && use_pw_fused(g, x_, training)) {  // the fused kernel has no conv output
     auto out = pw_fwd_fused(g, x_, weight, bn_weight, bn_bias, *running_mean, *running_var,
                             residual, eps);
     return {std::get<0>(out), std::get<1>(out), std::get<2>(out), pw_conv_not_saved(x_)};
@@ -113,20 +115,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_fwd_cuda(
   auto x = x_.contiguous(g.format());
   auto w2 = weight.reshape({g.Cout, g.Cin}).contiguous();
   // the conv output, written by the GEMM into y's own buffer (not a view of a
-  // temporary: autograd forbids in-place ops on such outputs) and overwritten in place
+  // temporary: autograd forbids in-place ops on such outputs) and overwritten in place;
+  // when saved, into a tensor of its own
   auto y = at::empty({g.N, g.Cout, g.H, g.W}, x.options().memory_format(g.format()));
-  pw_conv_gemm_out(g, x, w2, y);
+  auto conv = save_conv ? at::empty_like(y) : y;
+  pw_conv_gemm_out(g, x, w2, conv);
   at::Tensor res;
   ConvLaunch p = make_launch(out_geom(g), x, w2, training, eps);
   if (residual.has_value()) {
     res = residual->contiguous(g.format());
     p.residual = res.const_data_ptr();
   }
-  p.conv = y.const_data_ptr();
+  p.conv = conv.const_data_ptr();
   p.y = y.data_ptr();
   auto stats = forward_epilogue(p, x, bn_weight, bn_bias, running_mean, running_var, training,
                                 eps, y.numel() == 0, pw_stats_launch, pw_apply_launch);
-  return {y, std::get<0>(stats), std::get<1>(stats), pw_conv_not_saved(x)};
+  return {y, std::get<0>(stats), std::get<1>(stats), save_conv ? conv : pw_conv_not_saved(x)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cuda(
@@ -135,8 +139,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cuda(
     const at::Tensor& invstd_, const c10::optional<at::Tensor>& saved_conv, bool training,
     c10::string_view act) {
   PwGeom g = pw_bwd_check(grad_y, x_, weight, bn_weight, bn_bias, mean_, invstd_, act);
-  TORCH_CHECK_VALUE(!saved_conv.has_value(), "conv: the CUDA backward recomputes the conv "
-                    "output; pass None");
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(g.format());
   auto dy = grad_y.contiguous(g.format());
@@ -146,13 +148,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cuda(
     return {at::zeros(x.sizes(), x.options().memory_format(g.format())), at::zeros_like(weight),
             at::zeros_like(bn_weight), at::zeros_like(bn_bias)};
   }
-  // the recomputed conv output in the accumulation dtype: dgamma sums dz*(conv - mean)
-  // over every pixel, and a low-precision conv costs it several times eager's error
-  // (measured with the Triton kernels under the interpreter)
-  auto conv = pw_conv_gemm(g, x, w2, acc_type(x.scalar_type()));
+  // the saved conv output (x's dtype, as eager keeps it), or recomputed in the
+  // accumulation dtype: dgamma sums dz*(conv - mean) over every pixel, and a conv
+  // rounded to fp16 costs it several times eager's error (measured with the Triton
+  // kernels under the interpreter; eager's cuDNN BN backward reads its rounded conv
+  // output too)
+  at::Tensor conv = saved_conv.has_value()
+                        ? pw_check_saved_conv(g, x, *saved_conv, x.scalar_type())
+                        : pw_conv_gemm(g, x, w2, acc_type(x.scalar_type()));
   ConvLaunch p = make_launch(out_geom(g), x, w2, training, /*eps=*/0.0);
   p.conv = conv.const_data_ptr();
-  p.conv_acc = true;
+  p.conv_acc = conv.scalar_type() != x.scalar_type();
   auto held = backward_epilogue_args(p, dy, bn_weight, bn_bias, mean, invstd);
   C10_CUDA_CHECK(pw_bwd_launch(p, c10::cuda::getCurrentCUDAStream()));
   const at::Tensor& dc = held[2];

@@ -14,11 +14,11 @@
 // its finalize kernels combine them unchanged.
 //
 // Used when x is channels_last, T is fp32/fp16/bf16 (A = float), C % V == 0 and
-// every tensor is 16-byte aligned (vec_path_ok); everything else takes
-// epilogue.cuh's scalar kernels. dw_tile.cu's depthwise apply and statistics kernels
-// (input tiles in shared memory) share the strip math (load_wrow, strip_fma),
-// apply_store and the Welford helpers (welford_strip, block_welford_y,
-// store_stats_partial).
+// every tensor is 16-byte aligned (vec_aligned, checked by dw_vec_launch and
+// pw_conv.cu); everything else takes epilogue.cuh's scalar kernels. dw_tile.cu's
+// depthwise kernels (input tiles in shared memory) share the strip math (load_wrow,
+// strip_fma, taps_fma), the epilogues (apply_store, sums_strip, dc_store) and the
+// block reductions and partial layouts (block_welford_y, block_sum_vec, store_*_partial).
 #pragma once
 
 #include <cstdint>
@@ -133,6 +133,23 @@ __device__ __forceinline__ void strip_fma(int col, const float (&wrow)[K][V],
   }
 }
 
+// dw[i*K + j] += g[r] * x for the strip's pixels r < nv that read strip input column
+// col of kernel row i (j = col - r*S), x that column's values. Pixels past the strip's
+// end are skipped, not multiplied by zero: the x columns only they read may hold inf.
+// Both depthwise weight gradients (DwStrip::accumulate_taps, dw_tile.cu's tile kernel)
+// accumulate through this.
+template <int K, int S, int R, int V>
+__device__ __forceinline__ void taps_fma(int i, int col, int nv, const float (&g)[R][V],
+                                         const float (&xv)[V], float (&dw)[K * K][V]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int j = col - r * S;
+    if (j < 0 || j >= K || r >= nv) continue;
+#pragma unroll
+    for (int v = 0; v < V; ++v) dw[i * K + j][v] += g[r][v] * xv[v];
+  }
+}
+
 // ---------------------------------------------------------------- sources
 
 // The depthwise conv of a strip of R output columns, from x (N, Hin, Win, C)
@@ -212,22 +229,13 @@ struct DwStrip : RowStrips<T, R> {
   }
 
   // dw[i*K + j][v] += sum over the strip's first nv pixels r of g[r][v] * x(tap (i, j)
-  // of r). Pixels past the strip's end are skipped, not multiplied by zero: the x
-  // columns only they read may hold inf.
+  // of r) (taps_fma).
   __device__ __forceinline__ void accumulate_taps(int item, int c0, int nv,
                                                   const float (&g)[R][V],
                                                   float (&dw)[kTaps][V]) const {
     for_inputs(
         item, c0, [](int) {},
-        [&](int i, int col, const float (&xv)[V]) {
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const int j = col - r * S;
-            if (j < 0 || j >= K || r >= nv) continue;
-#pragma unroll
-            for (int v = 0; v < V; ++v) dw[i * K + j][v] += g[r][v] * xv[v];
-          }
-        });
+        [&](int i, int col, const float (&xv)[V]) { taps_fma<K, S>(i, col, nv, g, xv, dw); });
   }
 };
 
@@ -323,11 +331,12 @@ struct BufStrip {
 
 // ---------------------------------------------------------------- kernels
 
-// Sum of v[0..V) over threadIdx.y for each threadIdx.x (valid in threadIdx.y == 0);
-// smem holds blockDim.x * blockDim.y * V floats. Fixed order: deterministic.
+// Sum of v[0..V) over ty for each tx of a bx x by arrangement of the block's threads
+// (thread (tx, ty) at smem slot ty * bx + tx), returned to every thread; smem holds
+// bx * by * V floats. Fixed order: deterministic. Every thread of the block calls it.
 template <int V>
-__device__ __forceinline__ void block_sum_y_vec(float (&v)[V], float* smem) {
-  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+__device__ __forceinline__ void block_sum_vec(int tx, int ty, int bx, int by, float (&v)[V],
+                                              float* smem) {
   float* mine = smem + (ty * bx + tx) * V;
 #pragma unroll
   for (int k = 0; k < V; ++k) mine[k] = v[k];
@@ -345,6 +354,31 @@ __device__ __forceinline__ void block_sum_y_vec(float (&v)[V], float* smem) {
 #pragma unroll
   for (int k = 0; k < V; ++k) v[k] = smem[tx * V + k];
   __syncthreads();
+}
+
+// block_sum_vec over the block's own (threadIdx.x, threadIdx.y).
+template <int V>
+__device__ __forceinline__ void block_sum_y_vec(float (&v)[V], float* smem) {
+  block_sum_vec<V>(threadIdx.x, threadIdx.y, blockDim.x, blockDim.y, v, smem);
+}
+
+// The weight-gradient taps dw[tap][0..V) of every thread summed over ty (block_sum_vec)
+// and stored by the threads with ty == 0 and `store` as chunk `chunk`'s partials of
+// channels c0..c0+V, layout [chunk][tap][C] (dweight_finalize_kernel sums them).
+template <int kTaps, int V>
+__device__ __forceinline__ void store_taps_partial(int tx, int ty, int bx, int by,
+                                                   float (&dw)[kTaps][V], float* smem,
+                                                   float* part, int C, int chunk, int c0,
+                                                   bool store) {
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t) {
+    block_sum_vec<V>(tx, ty, bx, by, dw[t], smem);
+    if (ty == 0 && store) {
+      float* pt = part + (int64_t(chunk) * kTaps + t) * C;
+#pragma unroll
+      for (int v = 0; v < V; ++v) pt[c0 + v] = dw[t][v];
+    }
+  }
 }
 
 // The apply epilogue of the first nv pixels of a strip of R (pixel r at element
@@ -526,6 +560,41 @@ __device__ __forceinline__ void strip_dz(const VecArgs& a, int64_t base, int nv,
   }
 }
 
+// s_dz += dz and s_dzx += dz * (conv - mean) over a strip's first nv pixels (pixel r
+// at element offset base + r*C), dz = act'(conv*scale + shift) * dy (strip_dz). Shared
+// by vec_bwd_sums_kernel and dw_tile.cu's tile kernel.
+template <typename T, int R, int V>
+__device__ __forceinline__ void sums_strip(const VecArgs& a, const float (&sc)[V],
+                                           const float (&sh)[V], const float (&mean)[V],
+                                           int64_t base, int nv, const float (&c)[R][V],
+                                           float (&s_dz)[V], float (&s_dzx)[V]) {
+  float dz[R][V];
+  strip_dz<T>(a, base, nv, c, sc, sh, dz);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= nv) continue;  // the conv there may read inf from columns no output uses
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      s_dz[v] += dz[r][v];
+      s_dzx[v] += dz[r][v] * (c[r][v] - mean[v]);
+    }
+  }
+}
+
+// One chunk's backward-sums partial of channels c0..c0+V, layout [chunk][2][C]
+// (bwd_finalize_kernel merges them).
+template <int V>
+__device__ __forceinline__ void store_sums_partial(float* part, int C, int chunk, int c0,
+                                                   const float (&s_dz)[V],
+                                                   const float (&s_dzx)[V]) {
+  float* pk = part + int64_t(chunk) * 2 * C;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    pk[c0 + v] = s_dz[v];
+    pk[C + c0 + v] = s_dzx[v];
+  }
+}
+
 // Per channel sum(dz) and sum(dz * (conv - mean)): partials [chunk][2][C].
 template <typename T, class Src>
 __global__ void __launch_bounds__(kVecThreads) vec_bwd_sums_kernel(const VecArgs a, const Src src) {
@@ -542,30 +611,45 @@ __global__ void __launch_bounds__(kVecThreads) vec_bwd_sums_kernel(const VecArgs
     vload<V>(a.mean + c0, mean);
     for (int item = blockIdx.y * blockDim.y + threadIdx.y; item < src.items;
          item += gridDim.y * blockDim.y) {
-      float c[R][V], dz[R][V];
+      float c[R][V];
       src.conv(item, c0, c);
-      strip_dz<T>(a, src.pix0(item) * a.C + c0, src.nvalid(item), c, sc, sh, dz);
-      const int nv = src.nvalid(item);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r >= nv) continue;  // the conv there may read inf from columns no output uses
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          s_dz[v] += dz[r][v];
-          s_dzx[v] += dz[r][v] * (c[r][v] - mean[v]);
-        }
-      }
+      sums_strip<T>(a, sc, sh, mean, src.pix0(item) * a.C + c0, src.nvalid(item), c, s_dz,
+                    s_dzx);
     }
   }
   block_sum_y_vec<V>(s_dz, smem);
   block_sum_y_vec<V>(s_dzx, smem);
-  if (threadIdx.y == 0 && c0 < a.C) {
-    float* part = a.part + int64_t(blockIdx.y) * 2 * a.C;
+  if (threadIdx.y == 0 && c0 < a.C) store_sums_partial(a.part, a.C, blockIdx.y, c0, s_dz, s_dzx);
+}
+
+// The per-channel factors of the dc pass for V channels from c0: BN scale and shift
+// (for dz) and BnBwdCoef's a, b, d (coef rows).
+template <int V>
+struct DcCoef {
+  float sc[V], sh[V], ka[V], kb[V], kd[V];
+  __device__ __forceinline__ void load(const VecArgs& a, int c0) {
+    vload<V>(a.scale + c0, sc);
+    vload<V>(a.shift + c0, sh);
+    vload<V>(a.coef + c0, ka);
+    vload<V>(a.coef + a.C + c0, kb);
+    vload<V>(a.coef + 2 * a.C + c0, kd);
+  }
+};
+
+// dc = a*dz + b*conv + d for a strip's first nv pixels (pixel r at element offset base +
+// r*C), stored to a.dc and returned in g (zero past nv). Shared by vec_bwd_dc_kernel and
+// dw_tile.cu's tile kernel.
+template <typename T, int R, int V>
+__device__ __forceinline__ void dc_store(const VecArgs& a, const DcCoef<V>& k, int64_t base,
+                                         int nv, const float (&c)[R][V], float (&g)[R][V]) {
+  strip_dz<T>(a, base, nv, c, k.sc, k.sh, g);
+  T* dc = static_cast<T*>(a.dc);
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      part[c0 + v] = s_dz[v];
-      part[a.C + c0 + v] = s_dzx[v];
-    }
+  for (int r = 0; r < R; ++r) {
+    if (r >= nv) continue;  // g stays zero there
+#pragma unroll
+    for (int v = 0; v < V; ++v) g[r][v] = k.ka[v] * g[r][v] + k.kb[v] * c[r][v] + k.kd[v];
+    vstore<V>(dc + base + int64_t(r) * a.C, g[r]);
   }
 }
 
@@ -582,39 +666,35 @@ __global__ void __launch_bounds__(kVecThreads) vec_bwd_dc_kernel(const VecArgs a
 #pragma unroll
     for (int v = 0; v < V; ++v) dw[t][v] = 0.f;
   if (c0 < a.C) {
-    float sc[V], sh[V], ka[V], kb[V], kd[V];
-    vload<V>(a.scale + c0, sc);
-    vload<V>(a.shift + c0, sh);
-    vload<V>(a.coef + c0, ka);
-    vload<V>(a.coef + a.C + c0, kb);
-    vload<V>(a.coef + 2 * a.C + c0, kd);
-    T* dc = static_cast<T*>(a.dc);
+    DcCoef<V> k;
+    k.load(a, c0);
     for (int item = blockIdx.y * blockDim.y + threadIdx.y; item < src.items;
          item += gridDim.y * blockDim.y) {
       float c[R][V], g[R][V];
       src.conv(item, c0, c);
       const int nv = src.nvalid(item);
-      const int64_t base = src.pix0(item) * a.C + c0;
-      strip_dz<T>(a, base, nv, c, sc, sh, g);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r >= nv) continue;  // g stays zero there
-#pragma unroll
-        for (int v = 0; v < V; ++v) g[r][v] = ka[v] * g[r][v] + kb[v] * c[r][v] + kd[v];
-        vstore<V>(dc + base + int64_t(r) * a.C, g[r]);
-      }
+      dc_store<T>(a, k, src.pix0(item) * a.C + c0, nv, c, g);
       if constexpr (kTaps > 0) src.accumulate_taps(item, c0, nv, g, dw);
     }
   }
-  if constexpr (kTaps > 0) {
+  if constexpr (kTaps > 0)
+    store_taps_partial<kTaps>(threadIdx.x, threadIdx.y, blockDim.x, blockDim.y, dw, smem, a.part,
+                              a.C, blockIdx.y, c0, c0 < a.C);
+}
+
+// g[r] = dc of a strip's first nv pixels (pixel r at element offset base + r*C), zero
+// past nv.
+template <typename T, int R, int V>
+__device__ __forceinline__ void load_dc_strip(const VecArgs& a, int64_t base, int nv,
+                                              float (&g)[R][V]) {
+  const T* dc = static_cast<const T*>(a.dc);
 #pragma unroll
-    for (int t = 0; t < kTaps; ++t) {
-      block_sum_y_vec<V>(dw[t], smem);
-      if (threadIdx.y == 0 && c0 < a.C) {
-        float* part = a.part + (int64_t(blockIdx.y) * kTaps + t) * a.C;
+  for (int r = 0; r < R; ++r) {
+    if (r < nv) {
+      vload<V>(dc + base + int64_t(r) * a.C, g[r]);
+    } else {
 #pragma unroll
-        for (int v = 0; v < V; ++v) part[c0 + v] = dw[t][v];
-      }
+      for (int v = 0; v < V; ++v) g[r][v] = 0.f;
     }
   }
 }
@@ -633,33 +713,16 @@ __global__ void __launch_bounds__(kVecThreads) vec_dweight_kernel(const VecArgs 
 #pragma unroll
     for (int v = 0; v < V; ++v) dw[t][v] = 0.f;
   if (c0 < a.C) {
-    const T* dc = static_cast<const T*>(a.dc);
     for (int item = blockIdx.y * blockDim.y + threadIdx.y; item < src.items;
          item += gridDim.y * blockDim.y) {
       const int nv = src.nvalid(item);
-      const int64_t base = src.pix0(item) * a.C + c0;
       float g[R][V];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r < nv) {
-          vload<V>(dc + base + int64_t(r) * a.C, g[r]);
-        } else {
-#pragma unroll
-          for (int v = 0; v < V; ++v) g[r][v] = 0.f;
-        }
-      }
+      load_dc_strip<T>(a, src.pix0(item) * a.C + c0, nv, g);
       src.accumulate_taps(item, c0, nv, g, dw);
     }
   }
-#pragma unroll
-  for (int t = 0; t < kTaps; ++t) {
-    block_sum_y_vec<V>(dw[t], smem);
-    if (threadIdx.y == 0 && c0 < a.C) {
-      float* part = a.part + (int64_t(blockIdx.y) * kTaps + t) * a.C;
-#pragma unroll
-      for (int v = 0; v < V; ++v) part[c0 + v] = dw[t][v];
-    }
-  }
+  store_taps_partial<kTaps>(threadIdx.x, threadIdx.y, blockDim.x, blockDim.y, dw, smem, a.part,
+                            a.C, blockIdx.y, c0, c0 < a.C);
 }
 
 // ---------------------------------------------------------------- launch
@@ -699,9 +762,10 @@ inline VecArgs vec_args(const ConvLaunch& p) {
 // - MOBILENET_EXT_DW_SPLIT: 1 = depthwise backward dc and dweight in two kernels
 //   (default at stride 1: 6-7% faster), 0 = one kernel (default at stride 2, where the
 //   split measured 6% slower).
-// - MOBILENET_EXT_DW_TILE=1: the depthwise apply and statistics stages through a
-//   shared-memory input tile per block (dw_tile.cu), for every K and stride; it
-//   overrides the two K=3 knobs above. Default 0 until measured on a GPU.
+// - MOBILENET_EXT_DW_TILE=1: the depthwise stages through a shared-memory input tile
+//   per block (dw_tile.cu): apply, statistics and backward sums for every K and stride,
+//   dc + weight gradient (split) at K=3, dx at stride 1; it overrides the other
+//   depthwise knobs where it applies. Default 0 until measured on a GPU.
 inline int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;

@@ -120,8 +120,8 @@ def pw_fwd(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, t
            act, save_conv):
     """Triton implementation of mobilenet_ext::pw_fwd: (y, mean, invstd, empty)."""
     if save_conv:
-        raise ValueError("save_conv: only the CPU kernels keep the conv output; the Triton "
-                         "backward recomputes it (pass save_conv=False)")
+        raise ValueError("save_conv: the Triton kernels do not keep the conv output; the "
+                         "Triton backward recomputes it (pass save_conv=False)")
     fmt = _fmt(x)
     x = x.contiguous(memory_format=fmt)
     n, cin, h, w = x.shape
