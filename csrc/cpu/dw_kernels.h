@@ -222,6 +222,31 @@ struct PlaneGeom {
   int64_t size() const { return rows * ld + (S == 2 ? ld : 0); }
 };
 
+// One padded row at stride 2 (no upsampling, source already in A) written straight
+// into its even and odd halves: padded column c is source column c - pad, so half
+// element e holds source columns 2e - pad (even half) and 2e + 1 - pad (odd half),
+// zero outside the row. Whole vectors are deinterleaved where every source column they
+// read lies in the row, single elements elsewhere (the pads and the row's ends).
+template <typename A>
+void fill_row_s2(const PlaneGeom& p, const A* __restrict__ s, A* __restrict__ out) {
+  constexpr int VN = Simd<A>::N;
+  A* __restrict__ odd = out + p.half;
+  const auto one = [&](int64_t e) {
+    const int64_t c = 2 * e - p.pad;
+    out[e] = c >= 0 && c < p.Wi ? s[c] : A(0);
+    odd[e] = c + 1 >= 0 && c + 1 < p.Wi ? s[c + 1] : A(0);
+  };
+  int64_t e = 0;
+  for (; e < p.half && 2 * e < p.pad; ++e) one(e);
+  for (; e + VN <= p.half && 2 * e + 2 * VN - p.pad <= p.Wi; e += VN) {
+    typename Simd<A>::V ev, od;
+    vload_deinterleave<A>(s + 2 * e - p.pad, &ev, &od);
+    vstore(out + e, ev, Full{});
+    vstore(odd + e, od, Full{});
+  }
+  for (; e < p.half; ++e) one(e);
+}
+
 // Copies the Hi x Wi plane src (T) into buf (A), laid out as PlaneGeom says.
 template <typename A, typename T>
 void fill_plane(const PlaneGeom& p, const T* __restrict__ src, A* __restrict__ buf) {
@@ -232,6 +257,12 @@ void fill_plane(const PlaneGeom& p, const T* __restrict__ src, A* __restrict__ b
     const int64_t hr = r - p.pad;
     const bool hit = hr >= 0 && hr % p.up == 0 && hr / p.up < p.Hi;
     const T* __restrict__ s = src + (hit ? hr / p.up * p.Wi : 0);
+    if constexpr (std::is_same_v<A, T>) {
+      if (hit && p.S == 2 && p.up == 1) {  // no staging row: deinterleave the source
+        fill_row_s2<A>(p, s, buf + r * p.ld);
+        continue;
+      }
+    }
     if (!hit) {
       std::fill(row, row + p.ld, A(0));
     } else if (p.up == 1) {
