@@ -213,10 +213,10 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
     # CUDA kernels keep it (in x's dtype) when MOBILENET_EXT_PW_SAVE=1, else recompute
     # it: which is faster is for a GPU run to say (bench/NOTES.md). Read at every call,
     # and once per trace under torch.compile. The Triton backwards recompute it.
-    save_conv = (backend == "cpu" or (backend == "cuda" and
-                                      os.environ.get("MOBILENET_EXT_PW_SAVE") == "1")) and \
-        torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias))
+    keeps_conv = backend == "cpu" or (
+        backend == "cuda" and os.environ.get("MOBILENET_EXT_PW_SAVE") == "1")
+    save_conv = keeps_conv and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias))
     return _run_fused("pw_fwd", backend, x, weight.shape[0], bn_weight, bn_bias,
                       running_mean, running_var, training, momentum, eps,
                       (weight, residual, training, eps, act, save_conv))

@@ -514,18 +514,15 @@ cudaError_t dw_tile_launch(VecStage stage, const ConvLaunch& p, cudaStream_t str
 
 namespace {
 
-// The reduction kernels' chunk count for a tiled launch: about 4 blocks per SM in all
-// (as vec_reduce_chunks), at most one chunk per tile; 0 where no tile fits.
+// The reduction kernels' chunk count for a tiled launch (reduce_chunks): at most one
+// chunk per tile; 0 where no tile fits.
 template <typename T, int K, int S>
 int tile_chunks(const ConvLaunch& p) {
   DwTile<T> t;
   int tiles;
   if (!tile_args<T, K, S>(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad, &t, &tiles))
     return 0;
-  int64_t k = (int64_t(sm_count()) * 4 + t.cg_blocks - 1) / t.cg_blocks;
-  if (k > tiles) k = tiles;
-  if (k > 65535) k = 65535;
-  return k < 1 ? 1 : static_cast<int>(k);
+  return reduce_chunks(t.cg_blocks, tiles);
 }
 
 template <typename T>

@@ -80,15 +80,19 @@ struct VecGrid {
   }
 };
 
-// Chunks (gridDim.y) of a reduction over `items` items: about 4 blocks per SM
-// in all, each thread owning at least 2 items.
-inline int vec_reduce_chunks(const VecGrid& g, int64_t items) {
-  const int64_t want = (int64_t(sm_count()) * 4 + g.gx - 1) / g.gx;
-  const int64_t most = (items + 2 * int64_t(g.by) - 1) / (2 * int64_t(g.by));
+// Chunks (gridDim.y) of a reduction whose grid is `width` blocks wide: about 4 blocks
+// per SM in all, at most `most`, within [1, 65535].
+inline int reduce_chunks(int width, int64_t most) {
+  const int64_t want = (int64_t(sm_count()) * 4 + width - 1) / width;
   int64_t k = want < most ? want : most;
   if (k < 1) k = 1;
   if (k > 65535) k = 65535;
   return static_cast<int>(k);
+}
+
+// Chunks of a vector-path reduction over `items` items: each thread owning at least 2.
+inline int vec_reduce_chunks(const VecGrid& g, int64_t items) {
+  return reduce_chunks(g.gx, (items + 2 * int64_t(g.by) - 1) / (2 * int64_t(g.by)));
 }
 
 // Parameters of one vector launch (the conv geometry lives in the source).
