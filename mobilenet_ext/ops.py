@@ -149,6 +149,27 @@ def _as(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
+# One cheap test per call for the usual case (no autocast anywhere); torch.compile traces it.
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _autocast(x, *tensors):
+    """Under `torch.autocast` for x's device type, x, the conv weight and the residual in
+    the autocast dtype, as autocast casts conv2d's input and weight (a lower-precision op)
+    and the block input that eager adds to a lower-precision result; float64 and
+    non-floating tensors stay as they are, as autocast leaves them. The BN parameters
+    and running buffers stay as given (fp32 in a mixed-precision model), as eager
+    batch_norm takes them. Outside autocast: the arguments unchanged."""
+    if not _ANY_AUTOCAST() or not isinstance(x, torch.Tensor):
+        return (x, *tensors)
+    dev = x.device.type
+    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype not in (dtype, torch.float64) else t for t in (x, *tensors))
+
+
 def _run_fused(name, backend, x, c_out, bn_weight, bn_bias, running_mean, running_var, training,
                momentum, eps, args):
     """Calls a registered fused op (`name` on `backend`) and updates the running buffers
@@ -175,10 +196,12 @@ def dw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
     defaults to (k-1)//2*dilation. bn_weight/bn_bias may be None (affine=False).
     Eval: y = act(conv(x)*scale + shift) with BN folded in fp32. Training:
     normalises with batch statistics and updates running_mean/running_var in place
-    (when given) as `F.batch_norm` does. Returns y in x's memory format.
+    (when given) as `F.batch_norm` does. Returns y in x's memory format. Under
+    `torch.autocast`, x and weight run in the autocast dtype, as eager conv2d does.
     """
     if padding is None and isinstance(weight, torch.Tensor):
         padding = reference.default_padding(weight.shape[-1], dilation)
+    x, weight = _autocast(x, weight)
     _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
               dilation, training, momentum, act)
     backend = _backend.pick(x)
@@ -201,6 +224,7 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
     act="identity" with the block input as residual. BN handling as in
     `dw_conv_bn_act`. Returns y in x's memory format.
     """
+    x, weight, residual = _autocast(x, weight, residual)
     _check_pw(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training,
               momentum, act)
     backend = _backend.pick(x)

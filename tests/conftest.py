@@ -98,3 +98,28 @@ def randomise_stats(bn):
     bn.running_var.uniform_(0.5, 2)
     bn.weight.uniform_(0.5, 1.5)
     bn.bias.normal_()
+
+
+# What the tests run torch.autocast with on each device (CPU autocast's default is bf16).
+AUTOCAST_DTYPE = {"cpu": torch.bfloat16, "cuda": torch.float16}
+
+
+def check_autocast(device, fn, cast: dict, keep: dict, buffers=()):
+    """fn(**cast, **keep, buffers) under torch.autocast gives exactly what it gives
+    outside autocast with the `cast` tensors (fp32 leaves: x, weight, residual) cast
+    to the autocast dtype: the same output in that dtype, the same running buffers
+    and the same fp32 gradients for every leaf, `keep`'s (BN parameters) included."""
+    low = AUTOCAST_DTYPE[device]
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in {**cast, **keep}.items()}
+    bufs_a, bufs_b = [b.clone() for b in buffers], [b.clone() for b in buffers]
+    with torch.autocast(device, dtype=low):
+        got = fn(*bufs_a, **leaves)
+    want = fn(*bufs_b, **{k: v.to(low) if k in cast else v for k, v in leaves.items()})
+    assert got.dtype == low and torch.equal(got, want)
+    for a, b in zip(bufs_a, bufs_b):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    dy = torch.randn_like(got)
+    grads_a = torch.autograd.grad(got, list(leaves.values()), dy)
+    grads_b = torch.autograd.grad(want, list(leaves.values()), dy)
+    for name, a, b in zip(leaves, grads_a, grads_b):
+        assert a.dtype == torch.float32 and torch.equal(a, b), name

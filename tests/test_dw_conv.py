@@ -7,7 +7,8 @@ import torch.nn as nn
 
 import mobilenet_ext
 from mobilenet_ext import reference
-from conftest import as64, call_with, check_close, pick_act, poison_allocator, randomise_stats
+from conftest import (as64, call_with, check_autocast, check_close, pick_act, poison_allocator,
+                      randomise_stats)
 
 op = torch.ops.mobilenet_ext
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -179,6 +180,27 @@ def test_public_matches_reference_backend(device):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(rm, rm2)
     torch.testing.assert_close(rv, rv2)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_autocast(device, layout, training):
+    """Under torch.autocast, fp32 x and weight run in the autocast dtype (as eager conv2d
+    does under autocast) with the fp32 BN parameters, and their gradients come back fp32."""
+    x, w, g, b, rm, rv, cfg = make_inputs((2, 17, 9, 11, 3, 2, 1), torch.float32, device, layout)
+
+    def fn(rm, rv, x, weight, g, b):
+        return mobilenet_ext.dw_conv_bn_act(x, weight, g, b, rm, rv, stride=2,
+                                            training=training, act="hardswish")
+    check_autocast(device, fn, dict(x=x, weight=w), dict(g=g, b=b), (rm, rv))
+
+
+def test_autocast_leaves_float64(device):
+    x, w, g, b, rm, rv, cfg = make_inputs(CASES[1], torch.float64, device, "nchw")
+    want = mobilenet_ext.dw_conv_bn_act(x, w, g, b, rm, rv, **cfg)
+    with torch.autocast(device, dtype=torch.bfloat16 if device == "cpu" else torch.float16):
+        got = mobilenet_ext.dw_conv_bn_act(x, w, g, b, rm, rv, **cfg)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
 
 
 def test_zero_batch_eval(device):

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import mobilenet_ext
 from mobilenet_ext import reference
-from conftest import (HAS_CUDA, as64, call_with, check_close, pick_act, poison_allocator,
+from conftest import (HAS_CUDA, as64, call_with, check_autocast, check_close, pick_act, poison_allocator,
                       randomise_stats)
 
 op = torch.ops.mobilenet_ext
@@ -241,6 +241,23 @@ def test_output_can_be_modified_in_place(device, channels_last, training):
                          "identity")[0])
     torch.testing.assert_close(y.detach(), want, atol=1e-4, rtol=1e-4)
     assert x.grad is not None and x.grad.isfinite().all() and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_autocast(device, layout, training, residual):
+    """Under torch.autocast, fp32 x, weight and residual run in the autocast dtype (as
+    eager conv2d does, and the add after it) with the fp32 BN parameters; their
+    gradients come back fp32."""
+    x, w, g, b, rm, rv, r = make_inputs((2, 17, 40, 5, 7), torch.float32, device, layout,
+                                        residual)
+
+    def fn(rm, rv, x, weight, g, b, residual=None):
+        return mobilenet_ext.pw_conv_bn_act(x, weight, g, b, rm, rv, residual=residual,
+                                            training=training, act="identity")
+    cast = dict(x=x, weight=w, **(dict(residual=r) if residual else {}))
+    check_autocast(device, fn, cast, dict(g=g, b=b), (rm, rv))
 
 
 def test_double_backward_raises():
