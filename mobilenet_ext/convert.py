@@ -2,8 +2,11 @@
 
 A fusable pattern is a Conv2d immediately followed, in its parent's registration
 order, by a BatchNorm2d (torchvision `Conv2dNormActivation` and any
-`nn.Sequential`; timm blocks, whose `BatchNormAct2d` carries the activation) and
-optionally an activation module. The Conv2d is replaced by a slot that keeps its
+`nn.Sequential`; timm blocks, whose `BatchNormAct2d` carries the activation) or by
+torchvision's `FrozenBatchNorm2d` (the detection backbones' BatchNorm, fixed
+statistics and affine: the fused op in eval mode whatever the module's mode), and
+optionally an activation module. `nn.SyncBatchNorm` is left alone (its batch
+statistics are reduced across processes), and so is every other norm layer. The Conv2d is replaced by a slot that keeps its
 `weight` and passes its input on; the BatchNorm by a module that keeps the
 BatchNorm's parameters and buffers under the same names and runs the fused op on
 the conv's input; a following activation module by `nn.Identity`. State-dict keys,
@@ -37,6 +40,7 @@ _ORDERED_PARENTS = {
     "timm.models.mobilenetv3.MobileNetV3",
 }
 _TV_INVERTED_RESIDUAL = "torchvision.models.mobilenetv2.InvertedResidual"
+_FROZEN_BN = "torchvision.ops.misc.FrozenBatchNorm2d"
 
 
 def _qualname(m) -> str:
@@ -83,14 +87,19 @@ class _FusedBN(nn.Module):
     """Where the BatchNorm was: its parameters and buffers under the same names, and
     the fused conv + BN + activation (+ residual) on the conv's input."""
 
-    def __init__(self, bn: nn.BatchNorm2d, slot: _ConvSlot, kind: str, act: str, act_site=None):
+    def __init__(self, bn: nn.Module, slot: _ConvSlot, kind: str, act: str, act_site=None):
         super().__init__()
+        # FrozenBatchNorm2d: weight and bias are buffers, no momentum, no batch count
+        self.frozen = _qualname(bn) == _FROZEN_BN
         for name in ("weight", "bias"):
-            setattr(self, name, getattr(bn, name))
+            if name in bn._buffers:
+                self.register_buffer(name, bn._buffers[name])
+            else:
+                setattr(self, name, getattr(bn, name))
         for name in ("running_mean", "running_var", "num_batches_tracked"):
-            self.register_buffer(name, getattr(bn, name))
-        self.eps, self.momentum = bn.eps, bn.momentum
-        self.track_running_stats = bn.track_running_stats
+            self.register_buffer(name, getattr(bn, name, None))
+        self.eps, self.momentum = bn.eps, getattr(bn, "momentum", None)
+        self.track_running_stats = getattr(bn, "track_running_stats", True)
         self.kind, self.act = kind, act
         conv = slot._orig
         self.stride, self.padding, self.dilation = conv.stride[0], conv.padding[0], conv.dilation[0]
@@ -100,7 +109,10 @@ class _FusedBN(nn.Module):
         self.train(bn.training)
 
     def forward(self, x, residual=None):
-        rm, rv, training, momentum = bn_call_args(self, self.training)
+        if self.frozen:
+            rm, rv, training, momentum = self.running_mean, self.running_var, False, 0.0
+        else:
+            rm, rv, training, momentum = bn_call_args(self, self.training)
         kw = dict(training=training, momentum=momentum, eps=self.eps, act=self.act)
         if self.kind == "depthwise":
             return ops.dw_conv_bn_act(x, self._slot.weight, self.weight, self.bias, rm, rv,
@@ -112,7 +124,14 @@ class _FusedBN(nn.Module):
     def _mbx_fused_convs(self, in_hw, out_hw):
         return [(self._slot._orig, in_hw)]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.frozen:  # as FrozenBatchNorm2d loads a BatchNorm2d checkpoint
+            state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
+        if self.frozen:
+            return f"{self.kind}, act={self.act!r}, eps={self.eps}, frozen"
         return f"{self.kind}, act={self.act!r}, eps={self.eps}, momentum={self.momentum}"
 
 
@@ -168,13 +187,22 @@ def _bn_act(bn):
     return (name, None) if name else (None, f"activation {type(act).__name__} not supported")
 
 
+def _is_bn(m) -> bool:
+    """A norm layer the fused op computes: BatchNorm2d (timm's BatchNormAct2d is one)
+    or torchvision's FrozenBatchNorm2d."""
+    return isinstance(m, nn.BatchNorm2d) or _qualname(m) == _FROZEN_BN
+
+
 def _fuse_children(parent, prefix, report):
     children = list(parent.named_children())
     i = 0
     while i < len(children):
         name, conv = children[i]
         nxt = children[i + 1][1] if i + 1 < len(children) else None
-        if type(conv) is not nn.Conv2d or not isinstance(nxt, nn.BatchNorm2d):
+        if type(conv) is nn.Conv2d and isinstance(nxt, nn.SyncBatchNorm):
+            report.left.append((prefix + name, "followed by SyncBatchNorm, whose batch "
+                                "statistics are reduced across processes"))
+        if type(conv) is not nn.Conv2d or not _is_bn(nxt):
             i += 1
             continue
         bn_name, bn = children[i + 1]
@@ -186,7 +214,8 @@ def _fuse_children(parent, prefix, report):
             i += 2
             continue
         act_site = None
-        if act == "identity" and type(bn) is nn.BatchNorm2d and i + 2 < len(children):
+        plain = type(bn) is nn.BatchNorm2d or _qualname(bn) == _FROZEN_BN
+        if act == "identity" and plain and i + 2 < len(children):
             act_name, act_mod = children[i + 2]
             if _act_name(act_mod) is not None:
                 act = _act_name(act_mod)
@@ -214,14 +243,18 @@ def _walk(module, prefix, report):
     else:
         kids = list(module.named_children())
         for (name, a), (_, b) in zip(kids, kids[1:]):
-            if type(a) is nn.Conv2d and isinstance(b, nn.BatchNorm2d):
+            if type(a) is nn.Conv2d and _is_bn(b):
                 report.left.append((prefix + name, f"inside {type(module).__name__}, whose "
                                     "forward order is not known to mobilenet_ext"))
 
 
 def convert(model: nn.Module, inplace: bool = False, verbose: bool = False,
             return_report: bool = False):
-    """Swap every fusable Conv2d + BatchNorm2d (+ activation) of `model` for the fused op.
+    """Swap every fusable Conv2d + BatchNorm2d or FrozenBatchNorm2d (+ activation) of
+    `model` for the fused op. SyncBatchNorm layers are left unfused: to train with
+    them, call `nn.SyncBatchNorm.convert_sync_batchnorm` before convert(). After
+    convert() it cannot see the BatchNorms that were fused, and they keep computing
+    per-process statistics (as BatchNorm2d under DDP does).
 
     Returns the converted model (a deep copy unless inplace=True), or
     (model, ConvertReport) with return_report=True; verbose=True prints the report.
@@ -247,8 +280,11 @@ def _revert_child(parent, name, child):
         orig.weight = child.weight
     else:
         for t in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            setattr(orig, t, getattr(child, t))
-        orig.eps, orig.momentum = child.eps, child.momentum
+            if hasattr(orig, t):  # FrozenBatchNorm2d has no num_batches_tracked
+                setattr(orig, t, getattr(child, t))
+        orig.eps = child.eps
+        if not child.frozen:
+            orig.momentum = child.momentum
         if child._act_site is not None:  # the activation module it stood in for
             _, act_name, act_mod = child._act_site
             setattr(parent, act_name, act_mod)

@@ -4,7 +4,9 @@
 children "0" and "1" (torchvision's `Conv2dNormActivation` layout), so
 parameters, buffers, optimizers, `.to()`, `.half()`, DDP and state_dicts behave
 as with plain torch modules and torchvision checkpoints load unchanged; their
-forward runs the fused op.
+forward runs the fused op. After `nn.SyncBatchNorm.convert_sync_batchnorm` (or any
+other swap of child "1") they run conv, that norm layer and the activation as
+separate modules, so cross-process statistics are never silently dropped.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, activation
 
 __all__ = ["DWConvBNAct", "PWConvBNAct", "DepthwiseSeparable", "InvertedResidual",
            "bn_call_args"]
@@ -31,6 +33,14 @@ def bn_call_args(bn: nn.BatchNorm2d, training: bool):
     keep = not training or bn.track_running_stats
     return (bn.running_mean if keep else None, bn.running_var if keep else None, use_batch,
             momentum)
+
+
+def _fusable_bn(bn) -> bool:
+    """Whether the fused op computes this norm layer: nn.BatchNorm2d itself. Anything
+    put in its place (`nn.SyncBatchNorm.convert_sync_batchnorm` swaps in a
+    SyncBatchNorm, whose statistics are reduced across processes) runs as its own
+    module after the conv: slower, never silently different."""
+    return type(bn) is nn.BatchNorm2d
 
 
 def _check_act(act):
@@ -60,6 +70,10 @@ class _ConvBNAct(nn.Sequential):
         rm, rv, training, momentum = bn_call_args(self.bn, self.training)
         return dict(running_mean=rm, running_var=rv, training=training, momentum=momentum,
                     eps=self.bn.eps, act=self.act)
+
+    def _unfused(self, x, residual=None):
+        y = activation(self.bn(self.conv(x)), self.act)
+        return y if residual is None else y + residual
 
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.conv.in_channels:
@@ -99,6 +113,8 @@ class DWConvBNAct(_ConvBNAct):
 
     def forward(self, x):
         self._check_input(x)
+        if not _fusable_bn(self.bn):
+            return self._unfused(x)
         c = self.conv
         return ops.dw_conv_bn_act(x, c.weight, self.bn.weight, self.bn.bias, stride=c.stride[0],
                                   padding=c.padding[0], dilation=c.dilation[0], **self._bn_args())
@@ -123,6 +139,8 @@ class PWConvBNAct(_ConvBNAct):
 
     def forward(self, x, residual=None):
         self._check_input(x)
+        if not _fusable_bn(self.bn):
+            return self._unfused(x, residual)
         return ops.pw_conv_bn_act(x, self.conv.weight, self.bn.weight, self.bn.bias,
                                   residual=residual, **self._bn_args())
 
@@ -163,9 +181,13 @@ class InvertedResidual(nn.Module):
         for m in list(self.conv)[:-2]:
             h = m(h)
         proj, bn = self.conv[-2], self.conv[-1]
+        res = x if self.use_res_connect else None
+        if not _fusable_bn(bn):
+            y = bn(proj(h))
+            return y if res is None else y + res
         rm, rv, training, momentum = bn_call_args(bn, self.training)
         return ops.pw_conv_bn_act(h, proj.weight, bn.weight, bn.bias, rm, rv,
-                                  residual=x if self.use_res_connect else None,
+                                  residual=res,
                                   training=training, momentum=momentum, eps=bn.eps,
                                   act="identity")
 

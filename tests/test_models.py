@@ -1,5 +1,6 @@
 """Fused modules, models, convert()/revert() and the cost model."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -130,6 +131,91 @@ def test_convert_under_autocast(device, training):
     floor = 4 * torch.finfo(low).eps
     assert errs["ours"][0] <= 2 * errs["eager"][0] + floor * want.abs().max().item(), errs
     assert errs["ours"][1] <= 2 * errs["eager"][1] + floor, errs
+
+
+def _frozen_bn_mobilenet_v3():
+    """torchvision mobilenet_v3_large with FrozenBatchNorm2d (what the detection backbones
+    use), fixed statistics and affine away from their defaults, in float64."""
+    from torchvision.ops import FrozenBatchNorm2d
+    norm = functools.partial(FrozenBatchNorm2d, eps=1e-3)
+    model = torchvision.models.mobilenet_v3_large(dropout=0.0, norm_layer=norm)
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            for t, lo, hi in ((m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 1.5),
+                              (m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2)):
+                t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+    return model.double()
+
+
+def test_convert_frozen_batchnorm():
+    """FrozenBatchNorm2d is fused as eval-mode BN whatever the module's mode: the same
+    outputs and conv-weight gradients in training, no new parameters, the same
+    state-dict keys (BatchNorm2d checkpoints load as into the original), and revert()
+    gives FrozenBatchNorm2d back with the same buffers."""
+    from torchvision.ops import FrozenBatchNorm2d
+    model = _frozen_bn_mobilenet_v3().train()
+    fused, report = convert(model, return_report=True)
+    assert (len(report.fused), [n for n, _ in report.left]) == (45, ["features.0.0"]), report
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in fused.modules()) == 1  # the stem
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
+    ya, yb = model(x), fused(x)
+    torch.testing.assert_close(yb, ya, atol=1e-10, rtol=1e-9)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (n, pa), pb in zip(model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-9, rtol=1e-7, msg=n)
+    # a BatchNorm2d checkpoint (with num_batches_tracked) loads into both alike
+    plain = torchvision.models.mobilenet_v3_large().double().state_dict()
+    model.load_state_dict(plain)
+    fused.load_state_dict(plain)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fused.state_dict()[k], v), k
+    reverted = revert(copy.deepcopy(fused))
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in model.modules()]
+    for k, v in model.state_dict().items():
+        assert torch.equal(reverted.state_dict()[k], v), k
+    assert not any(hasattr(m, "momentum") or hasattr(m, "num_batches_tracked")
+                   for m in reverted.modules() if isinstance(m, FrozenBatchNorm2d))
+
+
+def test_convert_detection_backbone():
+    """torchvision's detection MobileNetV3 + FPN backbone (FrozenBatchNorm2d by default):
+    its depthwise and pointwise convs fuse and every feature map matches."""
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone
+    torch.manual_seed(0)
+    body = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True)
+    body = body.double().eval()
+    fused, report = convert(body, return_report=True)
+    assert len(report.fused) == 45, report
+    x = torch.randn(1, 3, 96, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = body(x), fused(x)
+    assert list(got) == list(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-10, rtol=1e-9, msg=k)
+
+
+def test_sync_batchnorm_is_never_fused(monkeypatch):
+    """convert() leaves SyncBatchNorm layers and says why; our fused modules whose
+    BatchNorm convert_sync_batchnorm swapped for a SyncBatchNorm run that SyncBatchNorm
+    (here one process: the statistics equal the local ones) instead of the fused op."""
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.mobilenet_v2())
+    _, report = convert(synced, return_report=True)
+    assert not report.fused and "SyncBatchNorm" in str(report)
+    ours = randomise_bn(models.mobilenet_v2(dropout=0.0)).train()
+    ours_synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ours))
+    calls = []
+    forward = nn.SyncBatchNorm.forward
+    monkeypatch.setattr(nn.SyncBatchNorm, "forward",
+                        lambda self, x: calls.append(1) or forward(self, x))
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(ours_synced(x), ours(x), atol=1e-4, rtol=1e-4)
+    assert len(calls) == sum(isinstance(m, nn.BatchNorm2d) for m in ours.modules())
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(ours_synced.state_dict()[k], v, atol=1e-5, rtol=1e-4, msg=k)
 
 
 def test_momentum_none_and_num_batches_tracked():
