@@ -35,9 +35,11 @@ _ORDERED_PARENTS = {
     "timm.models._efficientnet_blocks.DepthwiseSeparableConv",
     "timm.models._efficientnet_blocks.InvertedResidual",
     "timm.models._efficientnet_blocks.ConvBnAct",
+    "timm.models._efficientnet_blocks.EdgeResidual",
     "timm.models.efficientnet.EfficientNet",
     "timm.models.efficientnet.EfficientNetFeatures",
     "timm.models.mobilenetv3.MobileNetV3",
+    "timm.layers.conv_bn_act.ConvNormAct",  # MobileNetV4's blocks: conv, bn, then aa
 }
 _TV_INVERTED_RESIDUAL = "torchvision.models.mobilenetv2.InvertedResidual"
 _FROZEN_BN = "torchvision.ops.misc.FrozenBatchNorm2d"

@@ -36,12 +36,14 @@ MODELS = {
     "tv_mobilenet_v2": lambda: torchvision.models.mobilenet_v2(dropout=0.0),
     "tv_mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(dropout=0.0),
     "timm_mobilenetv2_100": lambda: timm.create_model("mobilenetv2_100", drop_rate=0.0),
+    "timm_mobilenetv4_conv_small": lambda: timm.create_model("mobilenetv4_conv_small",
+                                                             drop_rate=0.0),
     "ours_mobilenet_v2": lambda: models.mobilenet_v2(dropout=0.0),
     "ours_mobilenet_v1": lambda: models.mobilenet_v1(dropout=0.0),
 }
 # fused conv+BN pairs convert() must find (all but the 3-channel stem), residual adds
 EXPECTED = {"tv_mobilenet_v2": (51, 10), "tv_mobilenet_v3_small": (33, 0),
-            "timm_mobilenetv2_100": (51, 0)}
+            "timm_mobilenetv2_100": (51, 0), "timm_mobilenetv4_conv_small": (43, 0)}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -74,7 +76,8 @@ def test_convert_eval_matches(name, channels_last, dtype, backend):
 
 
 @pytest.mark.parametrize("name", ["tv_mobilenet_v2", "tv_mobilenet_v3_small",
-                                  "timm_mobilenetv2_100", "ours_mobilenet_v2"])
+                                  "timm_mobilenetv2_100", "timm_mobilenetv4_conv_small",
+                                  "ours_mobilenet_v2"])
 def test_convert_training_matches(name, backend):
     """A few SGD steps in float64: loss, every gradient, parameters, running stats and
     num_batches_tracked match the original model."""
@@ -83,7 +86,10 @@ def test_convert_training_matches(name, backend):
     fused = convert(model)
     opt_a = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     opt_b = torch.optim.SGD(fused.parameters(), lr=0.01, momentum=0.9)
-    for _ in range(3):
+    # MobileNetV4's late layers (2x2 pixels here) amplify roundoff through their batch
+    # statistics: eager against itself in channels_last drifts past these tolerances by
+    # the second step, so one step there
+    for _ in range(1 if "mobilenetv4" in name else 3):
         x = torch.randn(3, 3, 40, 40, dtype=torch.float64)
         la, lb = model(x).square().mean(), fused(x).square().mean()
         opt_a.zero_grad()
@@ -216,6 +222,50 @@ def test_sync_batchnorm_is_never_fused(monkeypatch):
     assert len(calls) == sum(isinstance(m, nn.BatchNorm2d) for m in ours.modules())
     for k, v in ours.state_dict().items():
         torch.testing.assert_close(ours_synced.state_dict()[k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+# More families convert() must handle: (fused conv+BN pairs, pairs left). Their residual
+# adds stay in their own forward (only torchvision's InvertedResidual has its add fused).
+NO_DROP = dict(drop_rate=0.0, drop_path_rate=0.0)
+MORE_MODELS = {
+    "tv_mnasnet0_5": (lambda: torchvision.models.mnasnet0_5(dropout=0.0), 51, 1),
+    "tv_shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(), 55, 1),
+    "tv_efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(
+        dropout=0.0, stochastic_depth_prob=0.0), 48, 1),
+    "tv_regnet_x_400mf": (lambda: torchvision.models.regnet_x_400mf(), 44, 27),
+    "timm_mobilenetv1_100": (lambda: timm.create_model("mobilenetv1_100", **NO_DROP), 26, 1),
+    "timm_mobilenetv3_large_100": (lambda: timm.create_model("mobilenetv3_large_100",
+                                                             **NO_DROP), 45, 1),
+    "timm_efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", **NO_DROP), 48, 1),
+    "timm_mobilenetv4_hybrid_medium": (lambda: timm.create_model("mobilenetv4_hybrid_medium",
+                                                                 **NO_DROP),
+                                       86, 2),
+    "timm_lcnet_050": (lambda: timm.create_model("lcnet_050", **NO_DROP), 26, 1),
+    "timm_ghostnet_100": (lambda: timm.create_model("ghostnet_100", drop_rate=0.0), 75, 5),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_MODELS))
+def test_convert_more_families(name):
+    """float64, BN randomised: eval output, and one training step's output and every
+    parameter gradient, match the original (dropout and drop-path off)."""
+    build, n_fused, n_left = MORE_MODELS[name]
+    torch.manual_seed(0)
+    model = randomise_bn(build()).double()
+    fused, report = convert(model, return_report=True)
+    assert (len(report.fused), len(report.left)) == (n_fused, n_left), str(report)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want = model.eval()(x)
+        torch.testing.assert_close(fused.eval()(x), want, atol=1e-10 * want.abs().max().item(),
+                                   rtol=1e-9)
+    ya, yb = model.train()(x), fused.train()(x)
+    torch.testing.assert_close(yb, ya, atol=1e-10 * ya.abs().max().item(), rtol=1e-9)
+    ya.square().mean().backward()
+    yb.square().mean().backward()
+    scale = max(p.grad.abs().max().item() for p in model.parameters())
+    for (n, pa), pb in zip(model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-9 * scale, rtol=1e-7, msg=n)
 
 
 def test_momentum_none_and_num_batches_tracked():
