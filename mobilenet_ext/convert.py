@@ -19,11 +19,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-from . import ops
 from .nn import InvertedResidual as _OurInvertedResidual
-from .nn import _ConvBNAct, bn_call_args
+from .nn import _ConvBNAct, fused_conv_bn_act
+
+torch.fx.wrap("fused_conv_bn_act")  # see nn.fused_conv_bn_act
 
 __all__ = ["convert", "revert", "ConvertReport"]
 
@@ -111,17 +113,13 @@ class _FusedBN(nn.Module):
         self.train(bn.training)
 
     def forward(self, x, residual=None):
-        if self.frozen:
-            rm, rv, training, momentum = self.running_mean, self.running_var, False, 0.0
-        else:
-            rm, rv, training, momentum = bn_call_args(self, self.training)
-        kw = dict(training=training, momentum=momentum, eps=self.eps, act=self.act)
-        if self.kind == "depthwise":
-            return ops.dw_conv_bn_act(x, self._slot.weight, self.weight, self.bias, rm, rv,
-                                      stride=self.stride, padding=self.padding,
-                                      dilation=self.dilation, **kw)
-        return ops.pw_conv_bn_act(x, self._slot.weight, self.weight, self.bias, rm, rv,
-                                  residual=residual, **kw)
+        conv = dict(stride=self.stride, padding=self.padding, dilation=self.dilation) \
+            if self.kind == "depthwise" else dict(residual=residual)
+        # FrozenBatchNorm2d: eval-mode BN whatever the module's mode
+        training = self.training and not self.frozen
+        return fused_conv_bn_act(x, self._slot.weight, self.weight, self.bias, self.running_mean,
+                                 self.running_var, self.num_batches_tracked, self.momentum,
+                                 self.track_running_stats, training, self.eps, self.act, **conv)
 
     def _mbx_fused_convs(self, in_hw, out_hw):
         return [(self._slot._orig, in_hw)]

@@ -17,22 +17,56 @@ from . import ops
 from .reference import ACTIVATIONS, activation
 
 __all__ = ["DWConvBNAct", "PWConvBNAct", "DepthwiseSeparable", "InvertedResidual",
-           "bn_call_args"]
+           "bn_call_args", "fused_conv_bn_act"]
 
 
-def bn_call_args(bn: nn.BatchNorm2d, training: bool):
+def _bn_state(training, running_mean, running_var, num_batches_tracked, momentum, track):
     """(running_mean, running_var, training, momentum) to call a fused op with, doing
     what `nn.BatchNorm2d.forward` does: count num_batches_tracked, momentum=None as a
     cumulative average, batch statistics when it tracks no running stats."""
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    use_batch = training or (bn.running_mean is None and bn.running_var is None)
-    keep = not training or bn.track_running_stats
-    return (bn.running_mean if keep else None, bn.running_var if keep else None, use_batch,
-            momentum)
+    m = 0.0 if momentum is None else momentum
+    if training and track and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            m = 1.0 / float(num_batches_tracked)
+    use_batch = training or (running_mean is None and running_var is None)
+    keep = not training or track
+    return running_mean if keep else None, running_var if keep else None, use_batch, m
+
+
+def bn_call_args(bn: nn.BatchNorm2d, training: bool):
+    """_bn_state of a BatchNorm2d module."""
+    return _bn_state(training, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                     bn.momentum, bn.track_running_stats)
+
+
+def fused_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                      num_batches_tracked, momentum, track_running_stats, training, eps, act,
+                      stride=None, padding=0, dilation=1, residual=None):
+    """A conv + BatchNorm2d (+ activation, + residual) module's fused forward: depthwise
+    with stride/padding/dilation, or pointwise when stride is None. The BatchNorm's
+    buffers and settings are passed in, and the module bookkeeping (num_batches_tracked,
+    momentum=None) happens here at run time, so that under `torch.fx.wrap` (below) FX
+    tracing (`torch.fx.symbolic_trace`, torchvision's `create_feature_extractor`)
+    records the whole step as one call instead of failing on the checks."""
+    rm, rv, use_batch, m = _bn_state(training, running_mean, running_var, num_batches_tracked,
+                                     momentum, track_running_stats)
+    if stride is None:
+        return ops.pw_conv_bn_act(x, weight, bn_weight, bn_bias, rm, rv, residual=residual,
+                                  training=use_batch, momentum=m, eps=eps, act=act)
+    return ops.dw_conv_bn_act(x, weight, bn_weight, bn_bias, rm, rv, stride=stride,
+                              padding=padding, dilation=dilation, training=use_batch,
+                              momentum=m, eps=eps, act=act)
+
+
+torch.fx.wrap("fused_conv_bn_act")
+
+
+def _bn_call(bn, training, x, weight, act, **conv):
+    """fused_conv_bn_act for BatchNorm2d module `bn` (FX records it as one call)."""
+    return fused_conv_bn_act(x, weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                             bn.num_batches_tracked, bn.momentum, bn.track_running_stats,
+                             training, bn.eps, act, **conv)
 
 
 def _fusable_bn(bn) -> bool:
@@ -66,16 +100,13 @@ class _ConvBNAct(nn.Sequential):
     def bn(self) -> nn.BatchNorm2d:
         return self._modules["1"]
 
-    def _bn_args(self):
-        rm, rv, training, momentum = bn_call_args(self.bn, self.training)
-        return dict(running_mean=rm, running_var=rv, training=training, momentum=momentum,
-                    eps=self.bn.eps, act=self.act)
-
     def _unfused(self, x, residual=None):
         y = activation(self.bn(self.conv(x)), self.act)
         return y if residual is None else y + residual
 
     def _check_input(self, x):
+        if isinstance(x, torch.fx.Proxy):  # FX tracing: the op checks it when it runs
+            return
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.conv.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__}: expected input (N, {self.conv.in_channels}, "
@@ -116,8 +147,8 @@ class DWConvBNAct(_ConvBNAct):
         if not _fusable_bn(self.bn):
             return self._unfused(x)
         c = self.conv
-        return ops.dw_conv_bn_act(x, c.weight, self.bn.weight, self.bn.bias, stride=c.stride[0],
-                                  padding=c.padding[0], dilation=c.dilation[0], **self._bn_args())
+        return _bn_call(self.bn, self.training, x, c.weight, self.act, stride=c.stride[0],
+                        padding=c.padding[0], dilation=c.dilation[0])
 
 
 class PWConvBNAct(_ConvBNAct):
@@ -141,8 +172,8 @@ class PWConvBNAct(_ConvBNAct):
         self._check_input(x)
         if not _fusable_bn(self.bn):
             return self._unfused(x, residual)
-        return ops.pw_conv_bn_act(x, self.conv.weight, self.bn.weight, self.bn.bias,
-                                  residual=residual, **self._bn_args())
+        return _bn_call(self.bn, self.training, x, self.conv.weight, self.act,
+                        residual=residual)
 
 
 class DepthwiseSeparable(nn.Sequential):
@@ -185,11 +216,7 @@ class InvertedResidual(nn.Module):
         if not _fusable_bn(bn):
             y = bn(proj(h))
             return y if res is None else y + res
-        rm, rv, training, momentum = bn_call_args(bn, self.training)
-        return ops.pw_conv_bn_act(h, proj.weight, bn.weight, bn.bias, rm, rv,
-                                  residual=res,
-                                  training=training, momentum=momentum, eps=bn.eps,
-                                  act="identity")
+        return _bn_call(bn, self.training, h, proj.weight, "identity", residual=res)
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, residual={self.use_res_connect}"

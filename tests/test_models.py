@@ -268,6 +268,46 @@ def test_convert_more_families(name):
         torch.testing.assert_close(pb.grad, pa.grad, atol=1e-9 * scale, rtol=1e-7, msg=n)
 
 
+def test_fx_symbolic_trace():
+    """FX traces converted and native fused modules, each fused step as one call of
+    nn.fused_conv_bn_act, and the traced graph (traced in training mode) updates the
+    running buffers and num_batches_tracked at run time, momentum=None included."""
+    from mobilenet_ext.nn import fused_conv_bn_act
+    converted = convert(randomise_bn(torchvision.models.mobilenet_v2(dropout=0.0)))
+    native = nn.Sequential(DWConvBNAct(8, momentum=None), PWConvBNAct(8, 16),
+                           InvertedResidual(16, 16, 1, 2))
+    for model, n_fused, shape in ((converted, 51, (2, 3, 64, 64)), (native, 5, (2, 8, 9, 9))):
+        for training in (False, True):
+            model.train(training)
+            twin = copy.deepcopy(model)
+            traced = torch.fx.symbolic_trace(twin)
+            calls = [n for n in traced.graph.nodes if n.target is fused_conv_bn_act]
+            assert len(calls) == n_fused
+            for _ in range(2):
+                x = torch.randn(*shape)
+                torch.testing.assert_close(traced(x), model(x), atol=1e-5, rtol=1e-5)
+            for k, v in model.state_dict().items():
+                torch.testing.assert_close(traced.state_dict()[k], v, atol=1e-6, rtol=1e-5,
+                                           msg=k)
+    assert int(native[0].bn.num_batches_tracked) == 2
+
+
+def test_feature_extractor():
+    """torchvision's create_feature_extractor (FX, traced in train and eval mode) on a
+    converted mobilenet_v2 gives the original's intermediate features."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    model = randomise_bn(torchvision.models.mobilenet_v2(dropout=0.0)).double()
+    nodes = {"features.3": "c2", "features.6": "c3", "features.13": "c4"}
+    want = create_feature_extractor(model, return_nodes=nodes)
+    got = create_feature_extractor(convert(model), return_nodes=nodes)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for training in (True, False):
+        a, b = want.train(training)(x), got.train(training)(x)
+        assert list(a) == list(b) == ["c2", "c3", "c4"]
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-10, rtol=1e-9, msg=k)
+
+
 def test_momentum_none_and_num_batches_tracked():
     model = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False),
                           nn.BatchNorm2d(8, momentum=None), nn.ReLU6(),
@@ -359,6 +399,20 @@ def test_torch_compile_under_autocast():
         assert outs[0][0].dtype == torch.bfloat16
         torch.testing.assert_close(outs[0][0], outs[1][0], atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(outs[0][1], outs[1][1], atol=2e-2, rtol=2e-2)
+
+
+def test_torch_export_converted():
+    """torch.export of a converted model (the ops' fake kernels give the shapes): the
+    exported program calls the fused ops and matches the model, in eval and training."""
+    model = convert(randomise_bn(torchvision.models.mobilenet_v2(dropout=0.0).features[:5]))
+    x = torch.randn(2, 3, 32, 32)
+    for training in (False, True):
+        model.train(training)
+        twin = copy.deepcopy(model)
+        program = torch.export.export(twin, (x,))
+        targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert any("mobilenet_ext" in t and "dw_fwd" in t for t in targets), targets
+        torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 def test_models_load_torchvision_state_dict():
