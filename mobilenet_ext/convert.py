@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .nn import InvertedResidual as _OurInvertedResidual
 from .nn import _ConvBNAct, fused_conv_bn_act
@@ -168,6 +169,17 @@ def _kind(conv: nn.Conv2d):
                   f"(k={k}, stride={s}, groups={conv.groups})")
 
 
+def _not_plain(m, what):
+    """Why module m cannot run inside a fused op, or None: hooks would not run (pruning
+    and the legacy weight_norm/spectral_norm are forward pre-hooks), and a parametrized
+    weight would be read once, at convert time."""
+    if parametrize.is_parametrized(m):
+        return f"{what} is parametrized (torch.nn.utils.parametrize)"
+    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        return f"{what} has hooks (pruning, weight_norm, user hooks), which would not run"
+    return None
+
+
 def _act_name(m):
     for cls, name in _ACTS.items():
         if type(m) is cls:
@@ -199,15 +211,20 @@ def _fuse_children(parent, prefix, report):
     while i < len(children):
         name, conv = children[i]
         nxt = children[i + 1][1] if i + 1 < len(children) else None
-        if type(conv) is nn.Conv2d and isinstance(nxt, nn.SyncBatchNorm):
+        if isinstance(conv, nn.Conv2d) and isinstance(nxt, nn.SyncBatchNorm):
             report.left.append((prefix + name, "followed by SyncBatchNorm, whose batch "
                                 "statistics are reduced across processes"))
+        elif isinstance(conv, nn.Conv2d) and type(conv) is not nn.Conv2d and _is_bn(nxt):
+            report.left.append((prefix + name, _not_plain(conv, "conv") or
+                                f"conv is a {type(conv).__name__}, not an nn.Conv2d"))
         if type(conv) is not nn.Conv2d or not _is_bn(nxt):
             i += 1
             continue
         bn_name, bn = children[i + 1]
         full = prefix + name
         kind, why = _kind(conv)
+        why = why or _not_plain(conv, "conv") or _not_plain(bn, "BatchNorm")
+        kind = kind if why is None else None
         act, why_act = _bn_act(bn) if kind else (None, None)
         if kind is None or act is None:
             report.left.append((full, why or why_act))
@@ -217,7 +234,7 @@ def _fuse_children(parent, prefix, report):
         plain = type(bn) is nn.BatchNorm2d or _qualname(bn) == _FROZEN_BN
         if act == "identity" and plain and i + 2 < len(children):
             act_name, act_mod = children[i + 2]
-            if _act_name(act_mod) is not None:
+            if _act_name(act_mod) is not None and _not_plain(act_mod, "") is None:
                 act = _act_name(act_mod)
                 act_site = (parent, act_name, act_mod)
                 setattr(parent, act_name, nn.Identity())
@@ -235,7 +252,8 @@ def _walk(module, prefix, report):
             continue  # already fused
         _walk(child, f"{prefix}{name}.", report)
         if _qualname(child) == _TV_INVERTED_RESIDUAL and child.use_res_connect and \
-                isinstance(child.conv[-1], _FusedBN) and child.conv[-1].kind == "pointwise":
+                isinstance(child.conv[-1], _FusedBN) and child.conv[-1].kind == "pointwise" \
+                and _not_plain(child, "") is None:
             setattr(module, name, _ResidualBlock(child))
             report.residual.append(prefix + name)
     if isinstance(module, nn.Sequential) or _qualname(module) in _ORDERED_PARENTS:

@@ -204,6 +204,58 @@ def test_convert_detection_backbone():
         torch.testing.assert_close(got[k], want[k], atol=1e-10, rtol=1e-9, msg=k)
 
 
+def test_convert_leaves_hooked_pruned_and_parametrized():
+    """A conv or BatchNorm whose forward hooks would not run inside the fused op (user
+    hooks, pruning's mask, weight_norm), or whose weight is parametrized, is left as it
+    is and reported; the rest of the model still fuses and trains like the original."""
+    import torch.nn.utils.prune as prune
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    seen = []
+
+    def build():
+        torch.manual_seed(0)
+        model = randomise_bn(torchvision.models.mobilenet_v2(dropout=0.0)).double()
+        model.features[1].conv[0][0].register_forward_hook(lambda *_: seen.append("conv"))
+        prune.l1_unstructured(model.features[2].conv[1][0], "weight", amount=0.5)
+        parametrize.register_parametrization(model.features[3].conv[0][0], "weight", Double())
+        model.features[4].conv[3].register_forward_pre_hook(lambda *_: seen.append("bn"))
+        model.features[5].register_forward_hook(lambda *_: seen.append("block"))
+        return model
+
+    model = build()
+    # inplace: a pruned model cannot be deep-copied (torch: non-leaf weight)
+    fused, report = convert(build(), inplace=True, return_report=True)
+    left = dict(report.left)
+    assert "has hooks" in left["features.1.conv.0.0"]
+    assert "has hooks" in left["features.2.conv.1.0"]  # pruning's forward pre-hook
+    assert "parametrized" in left["features.3.conv.0.0"]
+    assert "BatchNorm has hooks" in left["features.4.conv.2"]
+    assert len(report.fused) == 51 - 4
+    assert len(report.residual) == 10 - 1 and "features.5" not in report.residual
+    opt_a = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt_b = torch.optim.SGD(fused.parameters(), lr=0.05)
+    for _ in range(2):  # the pruned and parametrized weights are recomputed every step
+        x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+        seen.clear()
+        la = model(x).square().mean()
+        hooks_a = sorted(seen)
+        seen.clear()
+        lb = fused(x).square().mean()
+        assert sorted(seen) == hooks_a == ["block", "bn", "conv"]
+        torch.testing.assert_close(lb, la, atol=1e-10, rtol=1e-9)
+        for opt, loss in ((opt_a, la), (opt_b, lb)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for (n, pa), pb in zip(model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(pb, pa, atol=1e-9, rtol=1e-7, msg=n)
+
+
 def test_sync_batchnorm_is_never_fused(monkeypatch):
     """convert() leaves SyncBatchNorm layers and says why; our fused modules whose
     BatchNorm convert_sync_batchnorm swapped for a SyncBatchNorm run that SyncBatchNorm
