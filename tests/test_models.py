@@ -360,6 +360,51 @@ def test_feature_extractor():
             torch.testing.assert_close(b[k], a[k], atol=1e-10, rtol=1e-9, msg=k)
 
 
+def _ddp_worker(rank, world, port, out):
+    """One DDP rank: the original and the converted first blocks of mobilenet_v2 (float64),
+    each wrapped in DistributedDataParallel, two SGD steps on this rank's own batch."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)
+        base = randomise_bn(torchvision.models.mobilenet_v2().features[:8]).double()
+        result = {}
+        for name, model in (("eager", copy.deepcopy(base)), ("ours", convert(base))):
+            ddp = DDP(model)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+            g = torch.Generator().manual_seed(100 + rank)
+            for _ in range(2):
+                x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=g)
+                opt.zero_grad()
+                ddp(x).square().mean().backward()
+                opt.step()
+            result[name] = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.save(result, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_matches_eager(tmp_path):
+    """DistributedDataParallel (gloo, two CPU processes, different batches per rank): a
+    converted model's parameters and buffers after two steps equal the original's, and
+    the ranks' parameters agree (gradients are all-reduced through the fused ops)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        for k, v in r["eager"].items():
+            torch.testing.assert_close(r["ours"][k], v, atol=1e-9, rtol=1e-7, msg=k)
+    for k, v in ranks[0]["ours"].items():
+        if "running" not in k and "num_batches" not in k:  # BN statistics stay per rank
+            torch.testing.assert_close(ranks[1]["ours"][k], v, atol=0, rtol=0, msg=k)
+
+
 def test_momentum_none_and_num_batches_tracked():
     model = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False),
                           nn.BatchNorm2d(8, momentum=None), nn.ReLU6(),
