@@ -1,10 +1,12 @@
 """A short training loop on synthetic data with a converted model.
 
-    python python/train_converted.py [--steps 20] [--device cuda|cpu]
+    python python/train_converted.py [--steps 20] [--device cuda|cpu] [--amp]
 
 The converted model keeps the original's parameters, so any optimizer, scheduler
 and checkpoint code works unchanged; BatchNorm running statistics are updated by
-the fused kernels exactly as nn.BatchNorm2d does.
+the fused kernels exactly as nn.BatchNorm2d does. With --amp the steps run under
+torch.autocast (fp16 with a GradScaler on a GPU, bf16 on a CPU), as mixed-precision
+training usually does; the fused ops follow autocast like eager conv2d.
 """
 import argparse
 
@@ -20,7 +22,11 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true", help="mixed precision (torch.autocast)")
     args = p.parse_args()
+    dev = torch.device(args.device).type
+    low = torch.float16 if dev == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(dev, enabled=args.amp and low == torch.float16)
     torch.manual_seed(0)
 
     model = mobilenet_ext.convert(torchvision.models.mobilenet_v2(num_classes=10))
@@ -31,10 +37,12 @@ def main():
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
     for step in range(args.steps):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with torch.autocast(dev, dtype=low, enabled=args.amp):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         if step % 5 == 0 or step == args.steps - 1:
             print(f"step {step:3d}  loss {loss.item():.4f}")
     torch.save(model.state_dict(), "/tmp/mobilenet_ext_example.pt")

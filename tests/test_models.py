@@ -589,6 +589,7 @@ def test_profile_counts_fused_and_plain_alike():
 
 @pytest.mark.parametrize("script,args", [
     ("train_converted.py", ["--steps", "2", "--batch", "4", "--size", "32"]),
+    ("train_converted.py", ["--steps", "2", "--batch", "4", "--size", "32", "--amp"]),
     ("convert_mobilenet_v2.py", ["--batch", "1", "--size", "32", "--iters", "1"]),
 ])
 def test_examples_run(script, args):
