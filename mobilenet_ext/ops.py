@@ -239,7 +239,8 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
     # and once per trace under torch.compile. The Triton backwards recompute it.
     keeps_conv = backend == "cpu" or (
         backend == "cuda" and os.environ.get("MOBILENET_EXT_PW_SAVE") == "1")
-    save_conv = keeps_conv and torch.is_grad_enabled() and any(
+    # not under torch.jit.trace: one graph whether or not the trace records gradients
+    save_conv = keeps_conv and torch.is_grad_enabled() and not torch.jit.is_tracing() and any(
         t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias))
     return _run_fused("pw_fwd", backend, x, weight.shape[0], bn_weight, bn_bias,
                       running_mean, running_var, training, momentum, eps,
@@ -386,8 +387,8 @@ class _Eager(torch.autograd.Function):
 def _call(name, *args):
     """The registered forward op `name` on args: through _Eager when a gradient is
     needed, straight to the kernel below autograd when not; the registered op itself
-    (and its registered autograd) when torch.compile traces."""
-    if torch.compiler.is_compiling():
+    (and its registered autograd) when torch.compile or torch.jit.trace traces."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return getattr(torch.ops.mobilenet_ext, name)(*args)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                        for t in args):

@@ -512,6 +512,29 @@ def test_torch_export_converted():
         torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_torch_jit_trace_converted():
+    """torch.jit.trace (with its check that a second trace gives the same graph) records
+    the registered fused ops; the traced module matches in eval at another input size,
+    and in training (outputs, input gradients, running statistics) at the traced size
+    (as with any trace, the batch-statistics count is a constant of that size)."""
+    model = convert(randomise_bn(torchvision.models.mobilenet_v2(dropout=0.0).features[:5]))
+    x = torch.randn(2, 3, 32, 32)
+    for training in (False, True):
+        model.train(training)
+        traced = torch.jit.trace(copy.deepcopy(model), x)
+        assert "mobilenet_ext::dw_fwd" in str(traced.inlined_graph)
+        traced.load_state_dict(model.state_dict())  # undo the buffer updates of tracing
+        xg = torch.randn(2, 3, 32 if training else 40, 32 if training else 40,
+                         requires_grad=True)
+        ya, yb = model(xg), traced(xg)
+        torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+        ga, = torch.autograd.grad(ya.square().sum(), xg)
+        gb, = torch.autograd.grad(yb.square().sum(), xg)
+        torch.testing.assert_close(gb, ga, atol=1e-5, rtol=1e-5)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(traced.state_dict()[k], v, msg=k)
+
+
 def test_models_load_torchvision_state_dict():
     torch.manual_seed(0)
     tv = randomise_bn(torchvision.models.mobilenet_v2()).eval()
