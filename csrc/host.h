@@ -17,6 +17,9 @@ struct DwGeom {
   int64_t N, C, H, W, Ho, Wo;
   int K, stride, pad, dil, act;
   bool channels_last;  // memory format of x, and so of y, dy and dx
+  // CPU, NCHW eval forward only: channels_last row kernels on in-cache tiles of channel
+  // planes (dw_fwd_tiles in cpu/dw_kernels.h) instead of whole-tensor copies
+  bool nchw_tiles = false;
   at::MemoryFormat format() const {
     return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   }

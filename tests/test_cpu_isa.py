@@ -53,12 +53,13 @@ def _check(got, want, dtype):
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", [(2, 5, 1, 1, 3, 1), (3, 17, 7, 7, 3, 2), (1, 9, 15, 15, 5, 1),
-                                  (2, 11, 6, 33, 3, 2), (1, 6, 5, 70, 7, 1)])
-@pytest.mark.parametrize("path", ["native", "channels_last"])
+                                  (2, 11, 6, 33, 3, 2), (1, 6, 5, 70, 7, 1),
+                                  (2, 300, 7, 7, 3, 1)])  # tiles: two blocks, 52-channel tail
+@pytest.mark.parametrize("path", ["native", "channels_last", "tiles"])
 def test_dw_nchw_paths(monkeypatch, path, case, dtype, training):
-    """NCHW depthwise input runs either on the NCHW kernels or through channels_last
-    copies (narrow rows; MOBILENET_EXT_CPU_NCHW forces one): both against the float64
-    reference, y and dx handed back NCHW-contiguous."""
+    """NCHW depthwise input runs on the NCHW kernels, through channels_last copies, or (eval
+    forward) on channels_last tiles of channel planes (narrow rows; MOBILENET_EXT_CPU_NCHW
+    forces one): each against the float64 reference, y and dx handed back NCHW-contiguous."""
     if not hasattr(op, "dw_fwd"):
         pytest.skip("the compiled extension is not built")
     monkeypatch.setenv("MOBILENET_EXT_CPU_NCHW", path)

@@ -20,22 +20,34 @@ namespace {
 // batch 1 and 8, eval and training): the copies won at 7 columns (1.1-1.7x) and at
 // stride 2 up to 28 columns (1.04-1.85x); the planes won at stride 1 from 14 columns
 // on (1.05-1.3x at 14, 1.15-1.9x at 28, 1.8-8x at 56 and 112).
-// MOBILENET_EXT_CPU_NCHW=native|channels_last forces a path (tests run both).
-bool nchw_via_channels_last(const DwGeom& g) {
-  if (g.channels_last) return false;
+// In eval, those narrow planes skip the copies: blocks of channel planes of one image
+// are transposed into a channels_last tile in cache, run on the same row kernels and
+// transposed back (nchw_tiles; session 8: the two whole-tensor copies cost more than
+// the channels_last kernel itself, bench/NOTES.md). Training and the backward keep the
+// copies. MOBILENET_EXT_CPU_NCHW=native|channels_last|tiles forces a path (tests run
+// each; tiles applies to the eval forward and means the copies elsewhere).
+enum class NchwPath { Native, Copies, Tiles };
+
+// How NCHW input runs (channels_last input: Native, its own layout). eval_fwd: the
+// eval forward, the only op the tiles cover.
+NchwPath nchw_path(const DwGeom& g, bool eval_fwd) {
+  if (g.channels_last) return NchwPath::Native;
   const char* env = std::getenv("MOBILENET_EXT_CPU_NCHW");
   if (env != nullptr && *env != '\0' && std::strcmp(env, "auto") != 0) {
-    if (std::strcmp(env, "native") == 0) return false;
+    if (std::strcmp(env, "native") == 0) return NchwPath::Native;
+    if (std::strcmp(env, "tiles") == 0) return eval_fwd ? NchwPath::Tiles : NchwPath::Copies;
     TORCH_CHECK_VALUE(std::strcmp(env, "channels_last") == 0, "MOBILENET_EXT_CPU_NCHW must be "
-                      "auto, native or channels_last, got '", env, "'");
-    return true;
+                      "auto, native, channels_last or tiles, got '", env, "'");
+    return NchwPath::Copies;
   }
-  return g.W <= (g.stride == 2 ? 32 : 8);
+  if (g.W > (g.stride == 2 ? 32 : 8)) return NchwPath::Native;
+  return eval_fwd ? NchwPath::Tiles : NchwPath::Copies;
 }
 
-// The geometry the kernels run: channels_last where nchw_via_channels_last.
-DwGeom kernel_geom(DwGeom g, bool via_cl) {
-  g.channels_last = g.channels_last || via_cl;
+// The geometry the kernels run: channels_last through the copies, the tile flag.
+DwGeom kernel_geom(DwGeom g, NchwPath path) {
+  g.channels_last = g.channels_last || path == NchwPath::Copies;
+  g.nchw_tiles = path == NchwPath::Tiles;
   return g;
 }
 
@@ -53,8 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_fwd_cpu(
   DwGeom g = dw_check(x_, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
                       dilation, training, act);
   const auto acc = acc_type(x_.scalar_type());
-  const bool via_cl = nchw_via_channels_last(g);
-  const DwGeom gk = kernel_geom(g, via_cl);
+  const DwGeom gk = kernel_geom(g, nchw_path(g, !training));
   auto x = x_.contiguous(gk.format());
   auto y = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().memory_format(gk.format()));
   at::Tensor mean, invstd;
@@ -78,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bwd_cpu(
   DwGeom g = dw_bwd_check(grad_y, x_, weight, bn_weight, bn_bias, mean, invstd, stride, padding,
                           dilation, act);
   const auto acc = acc_type(x_.scalar_type());
-  const DwGeom gk = kernel_geom(g, nchw_via_channels_last(g));
+  const DwGeom gk = kernel_geom(g, nchw_path(g, false));
   auto x = x_.contiguous(gk.format());
   auto dy = grad_y.contiguous(gk.format());
   auto dx = at::empty(x.sizes(), x.options().memory_format(gk.format()));
