@@ -6,8 +6,9 @@ order, by a BatchNorm2d (torchvision `Conv2dNormActivation` and any
 torchvision's `FrozenBatchNorm2d` (the detection backbones' BatchNorm, fixed
 statistics and affine: the fused op in eval mode whatever the module's mode), and
 optionally an activation module. `nn.SyncBatchNorm` is left alone (its batch
-statistics are reduced across processes), and so is every other norm layer. The Conv2d is replaced by a slot that keeps its
-`weight` and passes its input on; the BatchNorm by a module that keeps the
+statistics are reduced across processes), and so is every other norm layer, and so
+are modules with hooks or a parametrized weight. The Conv2d is replaced by a slot
+that keeps its `weight` and passes its input on; the BatchNorm by a module that keeps the
 BatchNorm's parameters and buffers under the same names and runs the fused op on
 the conv's input; a following activation module by `nn.Identity`. State-dict keys,
 parameters (the same `Parameter` objects) and buffers are unchanged, so

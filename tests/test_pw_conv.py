@@ -5,8 +5,8 @@ import torch.nn as nn
 
 import mobilenet_ext
 from mobilenet_ext import reference
-from conftest import (HAS_CUDA, as64, call_with, check_autocast, check_close, pick_act, poison_allocator,
-                      randomise_stats)
+from conftest import (HAS_CUDA, as64, call_with, check_autocast, check_close, pick_act,
+                      poison_allocator, randomise_stats)
 
 op = torch.ops.mobilenet_ext
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
