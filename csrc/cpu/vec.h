@@ -87,8 +87,8 @@ MBX_VINL typename Simd<A>::V vload(const T* p, Cnt count) {
 template <typename A>
 MBX_VINL void split_even_odd(typename Simd<A>::V lo, typename Simd<A>::V hi,
                              typename Simd<A>::V* even, typename Simd<A>::V* odd) {
-  using V = typename Simd<A>::V;
 #if defined(MBX_ISA_AVX2)
+  using V = typename Simd<A>::V;
   if constexpr (std::is_same_v<A, float>) {
     // [lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6] -> [lo0 lo2 lo4 lo6 | hi0 hi2 hi4 hi6]
     const __m256 ev = _mm256_shuffle_ps(__m256(lo), __m256(hi), 0x88);
