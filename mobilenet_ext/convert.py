@@ -53,6 +53,11 @@ def _qualname(m) -> str:
     return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
+def _is_frozen(m) -> bool:
+    """torchvision's FrozenBatchNorm2d (not imported: torchvision is optional)."""
+    return _qualname(m) == _FROZEN_BN
+
+
 @dataclass
 class ConvertReport:
     fused: list = field(default_factory=list)  # (module name, "depthwise"/"pointwise", act)
@@ -96,7 +101,7 @@ class _FusedBN(nn.Module):
     def __init__(self, bn: nn.Module, slot: _ConvSlot, kind: str, act: str, act_site=None):
         super().__init__()
         # FrozenBatchNorm2d: weight and bias are buffers, no momentum, no batch count
-        self.frozen = _qualname(bn) == _FROZEN_BN
+        self.frozen = _is_frozen(bn)
         for name in ("weight", "bias"):
             if name in bn._buffers:
                 self.register_buffer(name, bn._buffers[name])
@@ -203,7 +208,7 @@ def _bn_act(bn):
 def _is_bn(m) -> bool:
     """A norm layer the fused op computes: BatchNorm2d (timm's BatchNormAct2d is one)
     or torchvision's FrozenBatchNorm2d."""
-    return isinstance(m, nn.BatchNorm2d) or _qualname(m) == _FROZEN_BN
+    return isinstance(m, nn.BatchNorm2d) or _is_frozen(m)
 
 
 def _fuse_children(parent, prefix, report):
@@ -232,7 +237,7 @@ def _fuse_children(parent, prefix, report):
             i += 2
             continue
         act_site = None
-        plain = type(bn) is nn.BatchNorm2d or _qualname(bn) == _FROZEN_BN
+        plain = type(bn) is nn.BatchNorm2d or _is_frozen(bn)
         if act == "identity" and plain and i + 2 < len(children):
             act_name, act_mod = children[i + 2]
             if _act_name(act_mod) is not None and _not_plain(act_mod, "") is None:

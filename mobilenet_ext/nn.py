@@ -77,6 +77,13 @@ def _fusable_bn(bn) -> bool:
     return type(bn) is nn.BatchNorm2d
 
 
+def _unfused(conv, bn, act, x, residual=None):
+    """act(bn(conv(x))) (+ residual) as separate modules, for a norm layer the fused op
+    does not compute (_fusable_bn)."""
+    y = activation(bn(conv(x)), act)
+    return y if residual is None else y + residual
+
+
 def _check_act(act):
     if act not in ACTIVATIONS:
         raise ValueError(f"act: unknown activation {act!r}; expected one of "
@@ -99,10 +106,6 @@ class _ConvBNAct(nn.Sequential):
     @property
     def bn(self) -> nn.BatchNorm2d:
         return self._modules["1"]
-
-    def _unfused(self, x, residual=None):
-        y = activation(self.bn(self.conv(x)), self.act)
-        return y if residual is None else y + residual
 
     def _check_input(self, x):
         if isinstance(x, torch.fx.Proxy):  # FX tracing: the op checks it when it runs
@@ -145,7 +148,7 @@ class DWConvBNAct(_ConvBNAct):
     def forward(self, x):
         self._check_input(x)
         if not _fusable_bn(self.bn):
-            return self._unfused(x)
+            return _unfused(self.conv, self.bn, self.act, x)
         c = self.conv
         return _bn_call(self.bn, self.training, x, c.weight, self.act, stride=c.stride[0],
                         padding=c.padding[0], dilation=c.dilation[0])
@@ -171,7 +174,7 @@ class PWConvBNAct(_ConvBNAct):
     def forward(self, x, residual=None):
         self._check_input(x)
         if not _fusable_bn(self.bn):
-            return self._unfused(x, residual)
+            return _unfused(self.conv, self.bn, self.act, x, residual)
         return _bn_call(self.bn, self.training, x, self.conv.weight, self.act,
                         residual=residual)
 
@@ -214,8 +217,7 @@ class InvertedResidual(nn.Module):
         proj, bn = self.conv[-2], self.conv[-1]
         res = x if self.use_res_connect else None
         if not _fusable_bn(bn):
-            y = bn(proj(h))
-            return y if res is None else y + res
+            return _unfused(proj, bn, "identity", h, res)
         return _bn_call(bn, self.training, h, proj.weight, "identity", residual=res)
 
     def extra_repr(self) -> str:
