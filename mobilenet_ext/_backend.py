@@ -32,9 +32,13 @@ def _has_kernel(op: str, key: str) -> bool:
         f"mobilenet_ext::{op}", key)
 
 
+# asked once, at import: torch.compile cannot trace the dispatcher query
+_COMPILED_CUDA = _has_kernel("dw_fwd", "CUDA")
+
+
 def compiled_with_cuda() -> bool:
     """True when the compiled extension contains CUDA kernels."""
-    return _has_kernel("dw_fwd", "CUDA")
+    return _COMPILED_CUDA
 
 
 _INFO: dict | None = None
@@ -112,14 +116,23 @@ def get_backend() -> str:
     return name
 
 
+def _can_run(name: str) -> bool:
+    """backends()[name].available, without the full probe for the compiled and
+    reference backends (the triton check imports triton)."""
+    if name == "cpu":
+        return _C_ERROR is None
+    if name == "cuda":
+        return _COMPILED_CUDA and torch.cuda.is_available()
+    return name == "reference" or backends()[name].available
+
+
 def pick(x: torch.Tensor) -> str:
     """The backend that runs an op on tensor x."""
     name = get_backend()
     dev = x.device.type
     if name != "auto":
-        info = backends()[name]
-        if not info.available:
-            raise RuntimeError(f"backend {name!r} is not available: {info.detail}")
+        if not _can_run(name):
+            raise RuntimeError(f"backend {name!r} is not available: {backends()[name].detail}")
         if (name == "cuda" and dev != "cuda") or (name == "cpu" and dev != "cpu") or \
                 (name == "triton" and dev == "cpu" and not interpreting()):
             raise RuntimeError(f"backend {name!r} cannot run tensors on device {x.device}"
@@ -127,13 +140,12 @@ def pick(x: torch.Tensor) -> str:
                                   if name == "triton" else ""))
         return name
     order = ("cuda", "triton", "reference") if dev == "cuda" else ("cpu", "reference")
-    avail = backends()
     for cand in order:
-        if avail[cand].available:
+        if _can_run(cand):
             if cand != order[0] and (dev, cand) not in _warned:
                 _warned.add((dev, cand))
                 warnings.warn(f"mobilenet_ext: backend {order[0]!r} unavailable "
-                              f"({avail[order[0]].detail}); falling back to {cand!r}",
+                              f"({backends()[order[0]].detail}); falling back to {cand!r}",
                               stacklevel=3)
             return cand
     return "reference"

@@ -12,8 +12,9 @@ that keeps its `weight` and passes its input on; the BatchNorm by a module that 
 BatchNorm's parameters and buffers under the same names and runs the fused op on
 the conv's input; a following activation module by `nn.Identity`. State-dict keys,
 parameters (the same `Parameter` objects) and buffers are unchanged, so
-checkpoints load both ways and optimizers keep working. torchvision's
-`InvertedResidual` also gets its residual add fused into the projection.
+checkpoints load both ways and optimizers keep working. The inverted-residual blocks
+of torchvision and timm (_RESIDUAL_BLOCKS) also get their residual add fused into
+the projection.
 """
 from __future__ import annotations
 
@@ -45,7 +46,6 @@ _ORDERED_PARENTS = {
     "timm.models.mobilenetv3.MobileNetV3",
     "timm.layers.conv_bn_act.ConvNormAct",  # MobileNetV4's blocks: conv, bn, then aa
 }
-_TV_INVERTED_RESIDUAL = "torchvision.models.mobilenetv2.InvertedResidual"
 _FROZEN_BN = "torchvision.ops.misc.FrozenBatchNorm2d"
 
 
@@ -142,20 +142,96 @@ class _FusedBN(nn.Module):
         return f"{self.kind}, act={self.act!r}, eps={self.eps}, momentum={self.momentum}"
 
 
-class _ResidualBlock(nn.Module):
-    """torchvision's InvertedResidual with the residual add fused into the projection."""
+# Blocks whose forward is `drop(body(x)) + x` when `flag` is set: the children named
+# in `body`, called in that order (absent ones, None in the block, skipped), and the
+# child `drop` (stochastic depth / drop path, None where the block has none) between
+# the body and the add. Their residual add goes into the body's last fused BN.
+@dataclass(frozen=True)
+class _ResidualSpec:
+    body: tuple
+    flag: str
+    drop: str | None = None
 
-    def __init__(self, block: nn.Module):
+
+_TIMM = "timm.models._efficientnet_blocks."
+_STOCHASTIC_DEPTH = "torchvision.ops.stochastic_depth.StochasticDepth"  # p
+_DROP_PATH = "timm.layers.drop.DropPath"  # drop_prob
+_RESIDUAL_BLOCKS = {
+    "torchvision.models.mobilenetv2.InvertedResidual": _ResidualSpec(("conv",), "use_res_connect"),
+    "torchvision.models.mobilenetv3.InvertedResidual": _ResidualSpec(("block",),
+                                                                     "use_res_connect"),
+    "torchvision.models.mnasnet._InvertedResidual": _ResidualSpec(("layers",), "apply_residual"),
+    "torchvision.models.efficientnet.MBConv": _ResidualSpec(("block",), "use_res_connect",
+                                                            "stochastic_depth"),
+    _TIMM + "InvertedResidual": _ResidualSpec(
+        ("conv_s2d", "bn_s2d", "conv_pw", "bn1", "conv_dw", "bn2", "aa", "se", "conv_pwl", "bn3"),
+        "has_skip", "drop_path"),
+    _TIMM + "DepthwiseSeparableConv": _ResidualSpec(
+        ("conv_s2d", "bn_s2d", "conv_dw", "bn1", "aa", "se", "conv_pw", "bn2"), "has_skip",
+        "drop_path"),
+    _TIMM + "EdgeResidual": _ResidualSpec(("conv_exp", "bn1", "aa", "se", "conv_pwl", "bn2"),
+                                          "has_skip", "drop_path"),
+}
+
+
+def _drops(drop) -> bool:
+    """Whether a block's stochastic depth / drop path module changes its input now."""
+    if drop is None or type(drop) is nn.Identity or not drop.training:
+        return False
+    return (drop.p if _qualname(drop) == _STOCHASTIC_DEPTH else drop.drop_prob) > 0
+
+
+def _residual_chain(block, spec):
+    """The modules a residual block's body runs, in order, with the trailing
+    nn.Sequential (torchvision's Conv2dNormActivation) opened up so that the last one is
+    the projection's fused BN; or (None, why not). Only nn.Identity may follow that BN."""
+    names = [n for n in spec.body if getattr(block, n, None) is not None]
+    kids = dict(block.named_children())
+    if set(kids) != set(names) | ({spec.drop} if spec.drop else set()):
+        return None, "children differ from the forward mobilenet_ext knows"
+    drop = kids.get(spec.drop) if spec.drop else None
+    if drop is not None and type(drop) is not nn.Identity and \
+            _qualname(drop) not in (_STOCHASTIC_DEPTH, _DROP_PATH):
+        return None, f"{spec.drop} is a {type(drop).__name__}"
+    chain = [kids[n] for n in names]
+    while chain and type(chain[-1]).forward is nn.Sequential.forward:
+        if _not_plain(chain[-1], ""):
+            return None, "a module of its body has hooks"
+        chain[-1:] = list(chain[-1].children())
+    while chain and type(chain[-1]) is nn.Identity and _not_plain(chain[-1], "") is None:
+        chain.pop()
+    if not chain or not isinstance(chain[-1], _FusedBN) or chain[-1].kind != "pointwise":
+        return None, "its body does not end in a fused pointwise conv + BN"
+    return chain, None
+
+
+class _ResidualBlock(nn.Module):
+    """A residual block (_RESIDUAL_BLOCKS) with its add fused into the projection: the
+    block's children under their own names, its body run as a chain whose last fused
+    BN gets the block input as residual. While stochastic depth / drop path is active
+    (training with p > 0) the add runs after it, as in the block's own forward."""
+
+    def __init__(self, block: nn.Module, spec: _ResidualSpec, chain: list):
         super().__init__()
-        self.conv = block.conv
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.drop_name = spec.drop
+        object.__setattr__(self, "_chain", chain)
         object.__setattr__(self, "_orig", block)
+        self.train(block.training)
 
     def forward(self, x):
+        *head, last = self._chain
         h = x
-        last = len(self.conv) - 1
-        for i, m in enumerate(self.conv):
-            h = m(h, residual=x) if i == last else m(h)
-        return h
+        for m in head:
+            h = m(h)
+        drop = self._modules[self.drop_name] if self.drop_name else None
+        if _drops(drop):
+            return drop(last(h)) + x
+        return last(h, residual=x)
+
+    def extra_repr(self) -> str:
+        return f"{type(self._orig).__name__}, residual add fused"
 
 
 def _kind(conv: nn.Conv2d):
@@ -257,11 +333,15 @@ def _walk(module, prefix, report):
                               _ResidualBlock)):
             continue  # already fused
         _walk(child, f"{prefix}{name}.", report)
-        if _qualname(child) == _TV_INVERTED_RESIDUAL and child.use_res_connect and \
-                isinstance(child.conv[-1], _FusedBN) and child.conv[-1].kind == "pointwise" \
-                and _not_plain(child, "") is None:
-            setattr(module, name, _ResidualBlock(child))
-            report.residual.append(prefix + name)
+        spec = _RESIDUAL_BLOCKS.get(_qualname(child))
+        if spec is not None and getattr(child, spec.flag, False) is True:
+            chain, why = _residual_chain(child, spec)
+            why = why or _not_plain(child, "block")
+            if why is None:
+                setattr(module, name, _ResidualBlock(child, spec, chain))
+                report.residual.append(prefix + name)
+            else:
+                report.left.append((prefix + name, f"residual add not fused: {why}"))
     if isinstance(module, nn.Sequential) or _qualname(module) in _ORDERED_PARENTS:
         _fuse_children(module, prefix, report)
     else:
@@ -299,7 +379,8 @@ def _revert_child(parent, name, child):
         return child
     orig = child._orig
     if isinstance(child, _ResidualBlock):
-        orig.conv = child.conv
+        for n, m in child.named_children():
+            setattr(orig, n, m)
     elif isinstance(child, _ConvSlot):
         orig.weight = child.weight
     else:

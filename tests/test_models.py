@@ -42,8 +42,8 @@ MODELS = {
     "ours_mobilenet_v1": lambda: models.mobilenet_v1(dropout=0.0),
 }
 # fused conv+BN pairs convert() must find (all but the 3-channel stem), residual adds
-EXPECTED = {"tv_mobilenet_v2": (51, 10), "tv_mobilenet_v3_small": (33, 0),
-            "timm_mobilenetv2_100": (51, 0), "timm_mobilenetv4_conv_small": (43, 0)}
+EXPECTED = {"tv_mobilenet_v2": (51, 10), "tv_mobilenet_v3_small": (33, 6),
+            "timm_mobilenetv2_100": (51, 10), "timm_mobilenetv4_conv_small": (43, 0)}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -276,24 +276,26 @@ def test_sync_batchnorm_is_never_fused(monkeypatch):
         torch.testing.assert_close(ours_synced.state_dict()[k], v, atol=1e-5, rtol=1e-4, msg=k)
 
 
-# More families convert() must handle: (fused conv+BN pairs, pairs left). Their residual
-# adds stay in their own forward (only torchvision's InvertedResidual has its add fused).
+# More families convert() must handle: (fused conv+BN pairs, pairs left, residual adds
+# fused). MobileNetV4's universal blocks (layer scale before the add) and GhostNet's
+# (a conv shortcut) keep their adds in their own forward.
 NO_DROP = dict(drop_rate=0.0, drop_path_rate=0.0)
 MORE_MODELS = {
-    "tv_mnasnet0_5": (lambda: torchvision.models.mnasnet0_5(dropout=0.0), 51, 1),
-    "tv_shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(), 55, 1),
+    "tv_mnasnet0_5": (lambda: torchvision.models.mnasnet0_5(dropout=0.0), 51, 1, 10),
+    "tv_shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(), 55, 1, 0),
     "tv_efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(
-        dropout=0.0, stochastic_depth_prob=0.0), 48, 1),
-    "tv_regnet_x_400mf": (lambda: torchvision.models.regnet_x_400mf(), 44, 27),
-    "timm_mobilenetv1_100": (lambda: timm.create_model("mobilenetv1_100", **NO_DROP), 26, 1),
+        dropout=0.0, stochastic_depth_prob=0.0), 48, 1, 9),
+    "tv_regnet_x_400mf": (lambda: torchvision.models.regnet_x_400mf(), 44, 27, 0),
+    "timm_mobilenetv1_100": (lambda: timm.create_model("mobilenetv1_100", **NO_DROP), 26, 1, 0),
     "timm_mobilenetv3_large_100": (lambda: timm.create_model("mobilenetv3_large_100",
-                                                             **NO_DROP), 45, 1),
-    "timm_efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", **NO_DROP), 48, 1),
+                                                             **NO_DROP), 45, 1, 10),
+    "timm_efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", **NO_DROP), 48, 1, 9),
+    "timm_efficientnet_es": (lambda: timm.create_model("efficientnet_es", **NO_DROP), 41, 8, 12),
     "timm_mobilenetv4_hybrid_medium": (lambda: timm.create_model("mobilenetv4_hybrid_medium",
                                                                  **NO_DROP),
-                                       86, 2),
-    "timm_lcnet_050": (lambda: timm.create_model("lcnet_050", **NO_DROP), 26, 1),
-    "timm_ghostnet_100": (lambda: timm.create_model("ghostnet_100", drop_rate=0.0), 75, 5),
+                                       86, 2, 0),
+    "timm_lcnet_050": (lambda: timm.create_model("lcnet_050", **NO_DROP), 26, 1, 0),
+    "timm_ghostnet_100": (lambda: timm.create_model("ghostnet_100", drop_rate=0.0), 75, 5, 0),
 }
 
 
@@ -301,11 +303,13 @@ MORE_MODELS = {
 def test_convert_more_families(name):
     """float64, BN randomised: eval output, and one training step's output and every
     parameter gradient, match the original (dropout and drop-path off)."""
-    build, n_fused, n_left = MORE_MODELS[name]
+    build, n_fused, n_left, n_residual = MORE_MODELS[name]
     torch.manual_seed(0)
     model = randomise_bn(build()).double()
     fused, report = convert(model, return_report=True)
-    assert (len(report.fused), len(report.left)) == (n_fused, n_left), str(report)
+    assert (len(report.fused), len(report.left), len(report.residual)) == \
+        (n_fused, n_left, n_residual), str(report)
+    assert list(fused.state_dict()) == list(model.state_dict())
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         want = model.eval()(x)
@@ -318,6 +322,95 @@ def test_convert_more_families(name):
     scale = max(p.grad.abs().max().item() for p in model.parameters())
     for (n, pa), pb in zip(model.named_parameters(), fused.parameters()):
         torch.testing.assert_close(pb.grad, pa.grad, atol=1e-9 * scale, rtol=1e-7, msg=n)
+
+
+def _count_fused_residuals(monkeypatch):
+    """A list that gets one entry per pointwise fused op called with a residual."""
+    calls = []
+    pw = mobilenet_ext.ops.pw_conv_bn_act
+
+    def counting(*args, residual=None, **kwargs):
+        if residual is not None:
+            calls.append(residual.shape)
+        return pw(*args, residual=residual, **kwargs)
+
+    monkeypatch.setattr(mobilenet_ext.ops, "pw_conv_bn_act", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["tv", "timm"])
+def test_residual_add_fused_with_drop_path(name, monkeypatch):
+    """EfficientNet-B0 with stochastic depth / drop path on: the residual add is fused
+    in eval, and while training (where the drop comes between the projection and the
+    add) it runs after the drop; with one seed, outputs and every gradient equal the
+    original's in float64."""
+    calls = _count_fused_residuals(monkeypatch)
+    torch.manual_seed(0)
+    model = randomise_bn(torchvision.models.efficientnet_b0(dropout=0.0, stochastic_depth_prob=0.2)
+                         if name == "tv" else
+                         timm.create_model("efficientnet_b0", drop_rate=0.0, drop_path_rate=0.2))
+    model = model.double()
+    fused, report = convert(model, return_report=True)
+    assert len(report.residual) == 9, str(report)
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    with torch.no_grad():
+        want = model.eval()(x)
+        torch.testing.assert_close(fused.eval()(x), want, atol=1e-10 * want.abs().max().item(),
+                                   rtol=1e-9)
+    assert len(calls) == 9
+    calls.clear()
+    torch.manual_seed(3)
+    ya = model.train()(x)
+    torch.manual_seed(3)
+    yb = fused.train()(x)
+    assert not calls
+    torch.testing.assert_close(yb, ya, atol=1e-10 * ya.abs().max().item(), rtol=1e-9)
+    ya.square().mean().backward()
+    yb.square().mean().backward()
+    scale = max(p.grad.abs().max().item() for p in model.parameters())
+    for (n, pa), pb in zip(model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-9 * scale, rtol=1e-7, msg=n)
+
+
+def test_residual_add_fused_and_reverted(monkeypatch):
+    """torchvision MobileNetV3's blocks (projection inside a Conv2dNormActivation) and
+    timm's: each residual block's add runs inside its projection's fused op; a block
+    whose projection has hooks or whose children are not the ones its forward is known
+    to call keeps its own add, and is reported; revert gives back the original blocks."""
+    calls = _count_fused_residuals(monkeypatch)
+    torch.manual_seed(0)
+    model = randomise_bn(torchvision.models.mobilenet_v3_small(dropout=0.0)).double().eval()
+    seen = []
+    model.features[3].block[-1].register_forward_hook(lambda *_: seen.append("proj"))
+    fused, report = convert(model, return_report=True)
+    assert len(report.residual) == 5 and "features.3" not in report.residual, str(report)
+    assert "hooks" in dict(report.left)["features.3"]
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        assert seen == ["proj"]
+        torch.testing.assert_close(fused(x), want, atol=1e-10 * want.abs().max().item(),
+                                   rtol=1e-9)
+    assert seen == ["proj", "proj"] and len(calls) == 5
+    copied = copy.deepcopy(fused)  # runs its own modules, not the original's
+    with torch.no_grad():
+        copied.features[5].block[-1][1].weight.mul_(2)
+        assert not torch.allclose(copied(x), want)
+    reverted = revert(copy.deepcopy(fused))
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in model.modules()]
+    with torch.no_grad():
+        torch.testing.assert_close(reverted(x), want, atol=0, rtol=0)
+
+    tm = randomise_bn(timm.create_model("mobilenetv2_100", drop_rate=0.0)).double().eval()
+    tm.blocks[2][1].add_module("extra", nn.Identity())  # not called by its forward
+    fused, report = convert(tm, return_report=True)
+    assert len(report.residual) == 9 and "children differ" in dict(report.left)["blocks.2.1"]
+    calls.clear()
+    with torch.no_grad():
+        want = tm(x)
+        torch.testing.assert_close(fused(x), want, atol=1e-10 * want.abs().max().item(),
+                                   rtol=1e-9)
+    assert len(calls) == 9
 
 
 def test_fx_symbolic_trace():
@@ -476,6 +569,35 @@ def test_torch_compile_converted_mobilenet_v2():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_as_the_first_call_in_a_process():
+    """torch.compile(fullgraph=True) of a converted model before any eager op has run
+    (the backend probe cannot be traced: it runs at import or outside the graph), in
+    eval and in training with timm's drop path on."""
+    import os
+    import subprocess
+    import sys
+    code = """
+import torch, timm, mobilenet_ext
+model = mobilenet_ext.convert(timm.create_model("efficientnet_b0", drop_path_rate=0.2))
+x = torch.randn(2, 3, 32, 32)
+compiled = torch.compile(model.eval(), fullgraph=True, backend="aot_eager")
+with torch.no_grad():
+    got = compiled(x)
+    torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+compiled = torch.compile(model.train(), fullgraph=True, backend="aot_eager")
+torch.manual_seed(0)
+got = compiled(x)
+torch.manual_seed(0)
+torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 
 def test_torch_compile_under_autocast():
