@@ -87,6 +87,48 @@ struct Welford {
   }
 };
 
+// BatchNorm for one channel as y = c*scale + shift: invstd = 1/sqrt(var + eps),
+// scale = gamma*invstd, shift = beta - mean*scale. The CPU loops (host.cpp, cpu/epilogue.h) and the CUDA kernels
+// (epilogue.cuh, bn_fold.cu) all fold through these.
+template <typename A>
+MBX_HD A bn_invstd(A var, A eps) {
+#if defined(__CUDA_ARCH__)
+  return A(1) / sqrt(var + eps);
+#else
+  return A(1) / std::sqrt(var + eps);
+#endif
+}
+
+// a*b rounded, never contracted into an FMA with a following add (nvcc contracts
+// across statements by default; the CPU build of host.cpp has no FMA): the CPU and
+// CUDA folds give the same bits.
+MBX_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+MBX_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+template <typename A>
+struct BnFold {
+  A scale, shift;
+  MBX_HD static BnFold make(A gamma, A beta, A mean, A invstd) {
+    BnFold f;
+    f.scale = mul_rn(gamma, invstd);
+    f.shift = beta - mul_rn(mean, f.scale);
+    return f;
+  }
+};
+
 // BatchNorm backward for one channel, written as dc = a*dz + b*c + d, where c is
 // the conv output, dz the gradient at the BN output and (mean, invstd) the
 // statistics used in the forward. In training the batch statistics depend on

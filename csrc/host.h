@@ -37,12 +37,13 @@ DwGeom dw_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
                 int64_t dilation, bool training, c10::string_view act);
 
 // Statistics used to normalise in eval mode: (running_mean, 1/sqrt(running_var+eps)),
-// as new tensors in the accumulation dtype.
+// as new tensors in the accumulation dtype. CPU tensors (CUDA: bn_fold_cuda).
 std::tuple<at::Tensor, at::Tensor> eval_stats(const at::Tensor& running_mean,
                                               const at::Tensor& running_var, double eps,
                                               at::ScalarType acc);
 
-// scale = gamma*invstd, shift = beta - mean*scale, in the accumulation dtype.
+// scale = gamma*invstd, shift = beta - mean*scale, in the accumulation dtype. CPU
+// tensors (CUDA: bn_fold_cuda).
 std::tuple<at::Tensor, at::Tensor> fold_bn(const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                            const at::Tensor& mean, const at::Tensor& invstd);
 

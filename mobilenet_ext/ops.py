@@ -128,6 +128,25 @@ def _check_pw(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
                   momentum, act)
 
 
+# The compiled kernels check their arguments in C++ with the same ValueError messages
+# (csrc/host.cpp). Run eagerly, the wrappers leave those checks to them (~7 us a call
+# in Python) and look only at what C++ cannot see: Python types, momentum, and every
+# tensor's device (the dispatcher picks the kernel from all of them: a weight on "meta"
+# would reach the fake kernel, which checks nothing). Anything unusual, the Triton and
+# reference backends, and torch.compile's tracing take the full checks below.
+_COMPILED = ("cpu", "cuda")
+
+
+def _checks_left_to_cpp(backend, x, weight, training, momentum, *tensors) -> bool:
+    if backend not in _COMPILED or (training and momentum is None) or \
+            torch.compiler.is_compiling():
+        return False
+    dev = x.device
+    return x.dim() == 4 and isinstance(weight, torch.Tensor) and weight.dim() == 4 and \
+        weight.device == dev and \
+        all(t is None or (isinstance(t, torch.Tensor) and t.device == dev) for t in tensors)
+
+
 def _update_running(running_mean, running_var, mean, invstd, eps, count, momentum):
     """nn.BatchNorm2d's update: running = (1-m)*running + m*batch, unbiased variance.
     The compiled op does it in one call (one loop on CPU); these ATen ops where the
@@ -202,9 +221,11 @@ def dw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
     if padding is None and isinstance(weight, torch.Tensor):
         padding = reference.default_padding(weight.shape[-1], dilation)
     x, weight = _autocast(x, weight)
-    _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-              dilation, training, momentum, act)
-    backend = _backend.pick(x)
+    backend = _backend.pick(x) if isinstance(x, torch.Tensor) else None
+    if not _checks_left_to_cpp(backend, x, weight, training, momentum, bn_weight, bn_bias,
+                               running_mean, running_var):
+        _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                  dilation, training, momentum, act)
     if backend == "reference":
         return reference.dw_conv_bn_act(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
@@ -225,9 +246,11 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
     `dw_conv_bn_act`. Returns y in x's memory format.
     """
     x, weight, residual = _autocast(x, weight, residual)
-    _check_pw(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training,
-              momentum, act)
-    backend = _backend.pick(x)
+    backend = _backend.pick(x) if isinstance(x, torch.Tensor) else None
+    if not _checks_left_to_cpp(backend, x, weight, training, momentum, bn_weight, bn_bias,
+                               running_mean, running_var, residual):
+        _check_pw(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training,
+                  momentum, act)
     if backend == "reference":
         return reference.pw_conv_bn_act(
             x, weight, bn_weight, bn_bias, running_mean, running_var, residual=residual,

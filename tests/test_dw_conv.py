@@ -298,7 +298,11 @@ def _bad(**change):
     (dict(padding=5), "padding: must be in"),
     (dict(training=True, momentum=None), "momentum"),
 ])
-def test_bad_input(change, match):
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_input(change, match, backend):
+    """The Python checks (reference, triton, torch.compile's tracing) and, run eagerly
+    on the compiled backend, the C++ checks, one message each."""
+    mobilenet_ext.set_backend(backend)
     with pytest.raises(ValueError, match=match):
         _bad(**change)
 

@@ -495,7 +495,11 @@ def _bad(**change):
     (dict(act="gelu"), "act: unknown activation"),
     (dict(weight=torch.randn(6, 4, 1, 1, dtype=torch.float16)), "weight: expected dtype"),
 ])
-def test_bad_input(change, match):
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_input(change, match, backend):
+    """The Python checks (reference, triton, torch.compile's tracing) and, run eagerly
+    on the compiled backend, the C++ checks, one message each."""
+    mobilenet_ext.set_backend(backend)
     with pytest.raises(ValueError, match=match):
         _bad(**change)
 

@@ -91,7 +91,7 @@ void batch_stats(const OutRows& rw, GetRow&& get_row, double eps, A* mean, A* in
       w.merge(p.mean, p.m2, p.n);
     }
     mean[c] = w.mean;
-    invstd[c] = A(1) / std::sqrt(w.m2 / w.n + A(eps));
+    invstd[c] = bn_invstd(w.m2 / w.n, A(eps));
   }
 }
 

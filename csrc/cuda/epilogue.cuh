@@ -211,12 +211,13 @@ __global__ void __launch_bounds__(32 * kFinWarps) stats_finalize_kernel(const Co
     w.merge(om, o2, on);  // lanes >= off merge junk; lane 0 only ever reads real lanes
   }
   if (lane != 0) return;
-  const A invstd = A(1) / sqrt(w.m2 / w.n + A(p.eps));
-  const A scale = static_cast<const A*>(p.gamma)[c] * invstd;
+  const A invstd = bn_invstd(w.m2 / w.n, A(p.eps));
+  const auto f = BnFold<A>::make(static_cast<const A*>(p.gamma)[c],
+                                 static_cast<const A*>(p.beta)[c], w.mean, invstd);
   static_cast<A*>(p.mean)[c] = w.mean;
   static_cast<A*>(p.invstd)[c] = invstd;
-  static_cast<A*>(p.scale)[c] = scale;
-  static_cast<A*>(p.shift)[c] = static_cast<const A*>(p.beta)[c] - w.mean * scale;
+  static_cast<A*>(p.scale)[c] = f.scale;
+  static_cast<A*>(p.shift)[c] = f.shift;
 }
 
 // dz = act'(conv*scale + shift) * dy at one output pixel.

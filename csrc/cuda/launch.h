@@ -47,6 +47,26 @@ struct ConvLaunch {
   const void* wt_flip;
 };
 
+// The BatchNorm fold of one op call, per channel c < C, in the accumulation type A
+// (acc: kF64 or kF32): with running statistics given (eval), mean = running_mean
+// and invstd = bn_invstd(running_var, eps) are written; else mean and invstd are
+// read. Then out (3, C) = scale, shift, gamma (BnFold). Inputs of any float DType.
+struct BnFoldArgs {
+  int64_t C;
+  int acc;
+  double eps;
+  const void* running_mean;  // eval, or null
+  const void* running_var;
+  int rm_dtype, rv_dtype;
+  const void* gamma;
+  const void* beta;
+  int gamma_dtype, beta_dtype;
+  void* mean;    // (C) of A
+  void* invstd;  // (C) of A
+  void* out;     // (3, C) of A
+};
+cudaError_t bn_fold_launch(const BnFoldArgs& a, cudaStream_t stream);
+
 // Depthwise: whether the vectorised channels_last kernels (vec_tile.cuh) take this
 // geometry and dtype (the pointer alignment is checked at each launch); the host
 // then sets wt and wt_flip. MOBILENET_EXT_VEC=0 turns the vector path off (both ops).

@@ -68,7 +68,8 @@ bool use_pw_fused(const PwGeom& g, const at::Tensor& x, bool training) {
 }
 
 // Eval forward in one kernel: y = act(conv(x) * scale + shift) + residual with
-// (mean, invstd) = eval_stats(running stats), returned like forward_epilogue's.
+// (mean, invstd) from the running statistics (bn_fold_cuda), returned like
+// forward_epilogue's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_fused(
     const PwGeom& g, const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
@@ -76,9 +77,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_fused(
   const auto cl = at::MemoryFormat::ChannelsLast;
   auto x = x_.contiguous(cl);
   auto w2 = weight.reshape({g.Cout, g.Cin}).contiguous();
-  at::Tensor mean, invstd, scale, shift;
-  std::tie(mean, invstd) = eval_stats(running_mean, running_var, eps, at::kFloat);
-  std::tie(scale, shift) = fold_bn(bn_weight, bn_bias, mean, invstd);
+  const auto opts = x.options().dtype(at::kFloat);
+  auto mean = at::empty({g.Cout}, opts), invstd = at::empty({g.Cout}, opts);
+  auto folded = bn_fold_cuda(bn_weight, bn_bias, mean, invstd, &running_mean, &running_var, eps);
   auto y = at::empty({g.N, g.Cout, g.H, g.W}, x.options().memory_format(cl));
   if (y.numel() == 0) return {y, mean, invstd};  // P == 0 or Cout == 0: no launch
   at::Tensor res;
@@ -86,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_fused(
   PwFusedArgs a{};
   a.x = x.const_data_ptr();
   a.w = w2.const_data_ptr();
-  a.scale = scale.const_data_ptr<float>();
-  a.shift = shift.const_data_ptr<float>();
+  a.scale = static_cast<const float*>(bn_fold_row(folded, 0));
+  a.shift = static_cast<const float*>(bn_fold_row(folded, 1));
   a.residual = res.defined() ? res.const_data_ptr() : nullptr;
   a.y = y.data_ptr();
   a.P = g.N * g.H * g.W;
