@@ -111,6 +111,38 @@ def test_backward(device, case, dtype, layout, training):
 
 
 @pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bn_params_in_x_dtype(device, dtype, layout, training):
+    """BN parameters and running statistics in x's dtype, as after model.half(): the
+    statistics come back in fp32, the BN parameters' gradients in their dtype, and y and
+    every gradient are as close to float64 as eager PyTorch's at that dtype."""
+    x, w, g, b, rm, rv, cfg = make_inputs(CASES[1], dtype, device, layout, bn_dtype=dtype)
+    cfg_args = (cfg["stride"], cfg["padding"], cfg["dilation"], training, 1e-5, "hardswish")
+    dy = None
+
+    def run(fwd, x, w, g, b, rm, rv):
+        nonlocal dy
+        leaves = [t.detach().requires_grad_() for t in (x, w, g, b)]
+        y, mean, invstd = fwd(*leaves, rm, rv, *cfg_args)
+        if dy is None:
+            dy = torch.randn_like(y)
+        y.backward(dy.to(y.dtype))
+        return [y, mean, invstd] + [t.grad for t in leaves]
+
+    poison_allocator(device)
+    got = run(op.dw_fwd, x, w, g, b, rm, rv)
+    want = run(reference.dw_fwd, *as64(x, w, g, b, rm, rv))
+    eager = run(reference.dw_fwd, x, w, g, b, rm, rv)
+    assert got[1].dtype == got[2].dtype == torch.float32
+    assert got[5].dtype == got[6].dtype == dtype
+    for i in (1, 2):
+        torch.testing.assert_close(got[i].double(), want[i], atol=1e-3, rtol=1e-3)
+    for i in (0, 3, 4, 5, 6):
+        check_close(got[i], eager[i], want[i], factor=3, dtype=dtype)
+
+
+@pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("act", ACTS)
 def test_gradcheck(device, act, channels_last, training):

@@ -22,9 +22,9 @@ CASES = [
 ACTS = list(reference.ACTIVATIONS)
 
 
-def make_inputs(case, dtype, device, layout, residual):
+def make_inputs(case, dtype, device, layout, residual, bn_dtype=None):
     n, cin, cout, h, w = case
-    bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    bn_dtype = bn_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
     if layout == "strided":  # a non-contiguous view: every other channel of a wider tensor
         x = torch.randn(n, 2 * cin, h, w, device=device, dtype=dtype)[:, ::2]
     else:
@@ -121,6 +121,38 @@ def test_backward(device, case, dtype, layout, training, residual):
             continue
         assert a.shape == ref64.shape and a.dtype == e.dtype, name
         check_close(a, e, ref64, factor=3, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bn_params_in_x_dtype(device, dtype, layout, training):
+    """BN parameters and running statistics in x's dtype, as after model.half() (on
+    CUDA, eval channels_last with Cout >= Cin takes the one-kernel GEMM path): the
+    statistics come back in fp32, the BN parameters' gradients in their dtype, and y
+    and every gradient are as close to float64 as eager PyTorch's at that dtype."""
+    x, w, g, b, rm, rv, r = make_inputs(CASES[1], dtype, device, layout, True, bn_dtype=dtype)
+    dy = None
+
+    def run(fwd, x, w, g, b, r, rm, rv, *save):
+        nonlocal dy
+        leaves = [t.detach().requires_grad_() for t in (x, w, g, b, r)]
+        y, mean, invstd = fwd(*leaves[:4], rm, rv, leaves[4], training, 1e-5, "silu", *save)[:3]
+        if dy is None:
+            dy = torch.randn_like(y)
+        y.backward(dy.to(y.dtype))
+        return [y, mean, invstd] + [t.grad for t in leaves]
+
+    poison_allocator(device)
+    got = run(op.pw_fwd, x, w, g, b, r, rm, rv, device == "cpu")
+    want = run(reference.pw_fwd, *as64(x, w, g, b, r, rm, rv))
+    eager = run(reference.pw_fwd, x, w, g, b, r, rm, rv)
+    assert got[1].dtype == got[2].dtype == torch.float32
+    assert got[5].dtype == got[6].dtype == dtype
+    for i in (1, 2):
+        torch.testing.assert_close(got[i].double(), want[i], atol=1e-3, rtol=1e-3)
+    for i in (0, 3, 4, 5, 6, 7):
+        check_close(got[i], eager[i], want[i], factor=3, dtype=dtype)
 
 
 @pytest.mark.parametrize("training", [False, True])
