@@ -73,7 +73,7 @@ inline at::Tensor bn_fold_cuda(const at::Tensor& bn_weight, const at::Tensor& bn
   // contiguous() is a no-op for the usual 1-D parameters and buffers
   at::Tensor w = bn_weight.contiguous(), b = bn_bias.contiguous(), rm, rv;
   BnFoldArgs a{};
-  a.C = static_cast<int>(C);
+  a.C = C;
   a.acc = dtype_code(mean.scalar_type());
   a.eps = eps;
   if (running_mean != nullptr) {
