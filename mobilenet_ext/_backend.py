@@ -126,11 +126,15 @@ def _can_run(name: str) -> bool:
     return name == "reference" or backends()[name].available
 
 
+_CUDA_ORDER = ("cuda", "triton", "reference")
+_CPU_ORDER = ("cpu", "reference")
+
+
 def pick(x: torch.Tensor) -> str:
     """The backend that runs an op on tensor x."""
     name = get_backend()
-    dev = x.device.type
     if name != "auto":
+        dev = x.device.type
         if not _can_run(name):
             raise RuntimeError(f"backend {name!r} is not available: {backends()[name].detail}")
         if (name == "cuda" and dev != "cuda") or (name == "cpu" and dev != "cpu") or \
@@ -139,11 +143,12 @@ def pick(x: torch.Tensor) -> str:
                                + (" (set TRITON_INTERPRET=1 before triton is imported)"
                                   if name == "triton" else ""))
         return name
-    order = ("cuda", "triton", "reference") if dev == "cuda" else ("cpu", "reference")
+    # x.is_cuda, not x.device.type: no torch.device built per call (~0.6 us)
+    order = _CUDA_ORDER if x.is_cuda else _CPU_ORDER
     for cand in order:
         if _can_run(cand):
-            if cand != order[0] and (dev, cand) not in _warned:
-                _warned.add((dev, cand))
+            if cand != order[0] and (x.device.type, cand) not in _warned:
+                _warned.add((x.device.type, cand))
                 warnings.warn(f"mobilenet_ext: backend {order[0]!r} unavailable "
                               f"({backends()[order[0]].detail}); falling back to {cand!r}",
                               stacklevel=3)
