@@ -36,6 +36,9 @@ def make_inputs(case, dtype, device, layout, bn_dtype=None):
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(c, 1, k, k, device=device, dtype=dtype) / k
+    if layout == "strided":  # a non-contiguous weight too: every other filter, transposed
+        weight = (torch.randn(2 * c, 1, k, k, device=device, dtype=dtype) / k)[::2]
+        weight = weight.transpose(2, 3)
     gamma = torch.rand(c, device=device, dtype=bn_dtype) + 0.5
     beta = torch.randn(c, device=device, dtype=bn_dtype)
     rmean = torch.randn(c, device=device, dtype=bn_dtype) * 0.1

@@ -1,6 +1,8 @@
 // CPU implementations of the depthwise ops: checks, allocation and layout here;
 // the kernels (dw_kernels.h, compiled per ISA) come from cpu::kernels().
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -52,9 +54,25 @@ DwGeom kernel_geom(DwGeom g, NchwPath path) {
 }
 
 // Weight (C,1,K,K) -> [K*K][C] in the accumulation type, so that the channel loop
-// of channels_last rows reads it contiguously.
+// of channels_last rows reads it contiguously. One loop over the weight's strides:
+// reshape/t/to/contiguous took half of a tiny eval call's C++ time (a TensorIterator
+// copy of a transposed view, bench/NOTES.md, session 10).
 at::Tensor weight_taps(const at::Tensor& weight, at::ScalarType acc) {
-  return weight.reshape({weight.size(0), -1}).t().to(acc).contiguous();
+  const int64_t C = weight.size(0), K = weight.size(2);
+  auto wt = at::empty({K * K, C}, weight.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "weight_taps",
+                                  [&] {
+    using A = at::opmath_type<scalar_t>;
+    TORCH_INTERNAL_ASSERT(wt.scalar_type() == c10::CppTypeToScalarType<A>::value);
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    A* out = wt.data_ptr<A>();
+    const int64_t s0 = weight.stride(0), s2 = weight.stride(2), s3 = weight.stride(3);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < K; ++i)
+        for (int64_t j = 0; j < K; ++j)
+          out[(i * K + j) * C + c] = static_cast<A>(w[c * s0 + i * s2 + j * s3]);
+  });
+  return wt;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_fwd_cpu(
