@@ -177,7 +177,20 @@ _RESIDUAL_BLOCKS = {
         "drop_path"),
     _TIMM + "EdgeResidual": _ResidualSpec(("conv_exp", "bn1", "aa", "se", "conv_pwl", "bn2"),
                                           "has_skip", "drop_path"),
+    # MobileNetV4; the hybrid models' layer scale stays after the projection (not fused)
+    _TIMM + "UniversalInvertedResidual": _ResidualSpec(
+        ("dw_start", "pw_exp", "dw_mid", "se", "pw_proj", "dw_end", "layer_scale"), "has_skip",
+        "drop_path"),
+    _TIMM + "ConvBnAct": _ResidualSpec(("conv", "bn1", "aa"), "has_skip", "drop_path"),
 }
+# Modules whose forward runs their children in registration order (nn.Sequential, and
+# timm's ConvNormAct: conv, bn, aa when not None), opened up at the end of a residual
+# chain so that its last module is the projection's fused BN.
+_RUNS_CHILDREN = ("timm.layers.conv_bn_act.ConvNormAct",)
+
+
+def _runs_children(m) -> bool:
+    return type(m).forward is nn.Sequential.forward or _qualname(m) in _RUNS_CHILDREN
 
 
 def _drops(drop) -> bool:
@@ -200,14 +213,20 @@ def _residual_chain(block, spec):
             _qualname(drop) not in (_STOCHASTIC_DEPTH, _DROP_PATH):
         return None, f"{spec.drop} is a {type(drop).__name__}"
     chain = [kids[n] for n in names]
-    while chain and type(chain[-1]).forward is nn.Sequential.forward:
-        if _not_plain(chain[-1], ""):
-            return None, "a module of its body has hooks"
-        chain[-1:] = list(chain[-1].children())
-    while chain and type(chain[-1]) is nn.Identity and _not_plain(chain[-1], "") is None:
-        chain.pop()
+    while chain:  # open up trailing containers, drop trailing nn.Identity
+        last = chain[-1]
+        if _runs_children(last):
+            if _not_plain(last, ""):
+                return None, "a module of its body has hooks"
+            chain[-1:] = list(last.children())
+        elif type(last) is nn.Identity and _not_plain(last, "") is None:
+            chain.pop()
+        else:
+            break
     if not chain or not isinstance(chain[-1], _FusedBN) or chain[-1].kind != "pointwise":
-        return None, "its body does not end in a fused pointwise conv + BN"
+        ends = f" (it ends in {type(chain[-1]).__name__})" if chain and \
+            not isinstance(chain[-1], _FusedBN) else ""
+        return None, f"its body does not end in a fused pointwise conv + BN{ends}"
     return chain, None
 
 

@@ -43,7 +43,7 @@ MODELS = {
 }
 # fused conv+BN pairs convert() must find (all but the 3-channel stem), residual adds
 EXPECTED = {"tv_mobilenet_v2": (51, 10), "tv_mobilenet_v3_small": (33, 6),
-            "timm_mobilenetv2_100": (51, 10), "timm_mobilenetv4_conv_small": (43, 0)}
+            "timm_mobilenetv2_100": (51, 10), "timm_mobilenetv4_conv_small": (43, 10)}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -291,9 +291,10 @@ MORE_MODELS = {
                                                              **NO_DROP), 45, 1, 10),
     "timm_efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", **NO_DROP), 48, 1, 9),
     "timm_efficientnet_es": (lambda: timm.create_model("efficientnet_es", **NO_DROP), 41, 8, 12),
+    # its residual adds follow a layer scale: reported, not fused
     "timm_mobilenetv4_hybrid_medium": (lambda: timm.create_model("mobilenetv4_hybrid_medium",
                                                                  **NO_DROP),
-                                       86, 2, 0),
+                                       86, 21, 0),
     "timm_lcnet_050": (lambda: timm.create_model("lcnet_050", **NO_DROP), 26, 1, 0),
     "timm_ghostnet_100": (lambda: timm.create_model("ghostnet_100", drop_rate=0.0), 75, 5, 0),
 }
@@ -370,6 +371,37 @@ def test_residual_add_fused_with_drop_path(name, monkeypatch):
     yb = fused.train()(x)
     assert not calls
     _assert_same_step(model, fused, ya, yb)
+
+
+def test_residual_add_fused_timm_uir_and_convbnact(monkeypatch):
+    """timm's MobileNetV4 UniversalInvertedResidual (projection inside a ConvNormAct,
+    drop path on) and a ConvBnAct block with a skip: the adds run in the projections'
+    fused ops in eval, after the drop path while training; float64 outputs and every
+    gradient equal the original's; revert gives back the blocks."""
+    from timm.models._efficientnet_blocks import ConvBnAct, UniversalInvertedResidual
+    calls = _count_fused_residuals(monkeypatch)
+    torch.manual_seed(0)
+    model = randomise_bn(nn.Sequential(
+        UniversalInvertedResidual(16, 16, dw_kernel_size_mid=5, exp_ratio=3.0,
+                                  layer_scale_init_value=None, drop_path_rate=0.3),
+        ConvBnAct(16, 16, 1, skip=True, act_layer=nn.ReLU6, drop_path_rate=0.3))).double()
+    fused, report = convert(model, return_report=True)
+    assert report.residual == ["0", "1"] and not report.left, str(report)
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        want = model.eval()(x)
+        torch.testing.assert_close(fused.eval()(x), want, atol=1e-10 * want.abs().max().item(),
+                                   rtol=1e-9)
+    assert calls == [x.shape, x.shape]
+    calls.clear()
+    torch.manual_seed(3)
+    ya = model.train()(x)
+    torch.manual_seed(3)
+    yb = fused.train()(x)
+    assert not calls
+    _assert_same_step(model, fused, ya, yb)
+    back = mobilenet_ext.revert(fused)
+    assert [type(m) for m in back] == [UniversalInvertedResidual, ConvBnAct]
 
 
 def test_residual_add_fused_and_reverted(monkeypatch):
