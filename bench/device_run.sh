@@ -14,11 +14,14 @@ PY=/opt/torch/.venv/bin/python; [ -x $PY ] || PY=python
 BUDGET=${BUDGET:-420}
 export PYTHONUNBUFFERED=1 MOBILENET_EXT_EXPECT_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
 LOG=$OUT/run.log
-step() {  # step NAME CAP CMD...: output to $OUT/NAME.log, never past the budget
+# At most 8 files come back from $OUT: run.log, misaligned.log, bench.log/.json/.png,
+# tests_cuda.log, knobs.log (the steps after the tests append to it), model_b1.json.
+step() {  # step NAME CAP CMD...: output to $OUT/${STEPLOG:-NAME}.log, never past the budget
   local name=$1 cap=$2 t0=$SECONDS; shift 2
   local left=$((BUDGET - SECONDS)); ((cap > left)) && cap=$left
   if ((cap < 10)); then echo "$name: no time left" >> "$LOG"; return; fi
-  timeout "$cap" "$@" > "$OUT/$name.log" 2>&1
+  echo "=== $name" >> "$OUT/${STEPLOG:-$name}.log"
+  timeout "$cap" "$@" >> "$OUT/${STEPLOG:-$name}.log" 2>&1
   echo "$name rc=$? $((SECONDS - t0))s (cap ${cap}s)" >> "$LOG"
 }
 { date -u; echo "tree: ${TREE:-?}"
@@ -42,6 +45,7 @@ step bench 130 $PY -m bench --op all --mode both --providers eager,folded,ours -
   --repeats 20 --warmup 3 --json "$OUT/bench.json" --plot "$OUT/bench.png"
 step tests_cuda 140 $PY -m pytest -q -p no:cacheprovider -m gpu -rf tests/test_vec_paths.py \
   tests/test_dw_conv.py tests/test_pw_conv.py
+export STEPLOG=knobs
 step sweep 60 bash -c "$PY -m bench.sweep --op dw --mode infer --setting MOBILENET_EXT_DW_TILE=1 \
 --setting MOBILENET_EXT_VEC_OCC=1 && \
 $PY -m bench.sweep --op dw --mode train --setting MOBILENET_EXT_DW_TILE=1 \
@@ -55,4 +59,8 @@ step profile 45 bash -c "$PY -m bench.profile --op dw --mode train --steps 3 \
 # the whole model with both unmeasured variants on (the bench step above has the defaults)
 step model_knobs 45 env MOBILENET_EXT_DW_TILE=1 MOBILENET_EXT_PW_SAVE=1 $PY -m bench --op model \
   --mode train --providers eager,ours --batch 128 --repeats 10 --warmup 2
+# batch-1 inference of the whole model: from CUDA graphs, and the eager loop's time (the
+# Python and launch overhead per fused call) in ungraphed_stats
+step model_b1 30 $PY -m bench --op model --mode infer --providers eager,ours --batch 1 \
+  --repeats 30 --warmup 5 --json "$OUT/model_b1.json"
 cat "$LOG"
