@@ -119,7 +119,9 @@ class _FusedBN(nn.Module):
         object.__setattr__(self, "_act_site", act_site)  # (parent, name, act) it replaced
         self.train(bn.training)
 
-    def forward(self, x, residual=None):
+    def forward(self, x, residual=None, scale=None):
+        """scale: a per-channel layer scale gamma after the BN (identity act only),
+        applied to the BN's weight and bias."""
         conv = dict(stride=self.stride, padding=self.padding, dilation=self.dilation) \
             if self.kind == "depthwise" else dict(residual=residual)
         # FrozenBatchNorm2d: eval-mode BN whatever the module's mode
@@ -128,8 +130,11 @@ class _FusedBN(nn.Module):
         # statistics are registered buffers (None included); weight and bias are
         # parameters, buffers (FrozenBatchNorm2d) or a plain None (affine=False)
         p, b = self._parameters, self._buffers
-        return fused_conv_bn_act(x, self._slot._parameters["weight"],
-                                 p.get("weight", b.get("weight")), p.get("bias", b.get("bias")),
+        weight, bias = p.get("weight", b.get("weight")), p.get("bias", b.get("bias"))
+        if scale is not None:
+            weight = scale if weight is None else weight * scale
+            bias = None if bias is None else bias * scale
+        return fused_conv_bn_act(x, self._slot._parameters["weight"], weight, bias,
                                  b["running_mean"], b["running_var"], b["num_batches_tracked"],
                                  self.momentum, self.track_running_stats, training, self.eps,
                                  self.act, **conv)
@@ -187,6 +192,11 @@ _RESIDUAL_BLOCKS = {
 # timm's ConvNormAct: conv, bn, aa when not None), opened up at the end of a residual
 # chain so that its last module is the projection's fused BN.
 _RUNS_CHILDREN = ("timm.layers.conv_bn_act.ConvNormAct",)
+# timm's per-channel layer scale (MobileNetV4 hybrid blocks): y * gamma after the
+# projection's BN, before the add. The projection has no activation, so the fused op
+# runs it as the BN's affine parameters times gamma (in eval and in training: the
+# batch statistics are the conv output's either way).
+_LAYER_SCALE = "timm.layers.layer_scale.LayerScale2d"
 
 
 def _runs_children(m) -> bool:
@@ -213,6 +223,7 @@ def _residual_chain(block, spec):
             _qualname(drop) not in (_STOCHASTIC_DEPTH, _DROP_PATH):
         return None, f"{spec.drop} is a {type(drop).__name__}"
     chain = [kids[n] for n in names]
+    scale = None
     while chain:  # open up trailing containers, drop trailing nn.Identity
         last = chain[-1]
         if _runs_children(last):
@@ -221,13 +232,15 @@ def _residual_chain(block, spec):
             chain[-1:] = list(last.children())
         elif type(last) is nn.Identity and _not_plain(last, "") is None:
             chain.pop()
+        elif scale is None and _qualname(last) == _LAYER_SCALE and _not_plain(last, "") is None:
+            scale = chain.pop()  # folded into the projection's BN (_ResidualBlock)
         else:
             break
     if not chain or not isinstance(chain[-1], _FusedBN) or chain[-1].kind != "pointwise":
         ends = f" (it ends in {type(chain[-1]).__name__})" if chain and \
             not isinstance(chain[-1], _FusedBN) else ""
         return None, f"its body does not end in a fused pointwise conv + BN{ends}"
-    return chain, None
+    return chain + ([scale] if scale is not None else []), None
 
 
 class _ResidualBlock(nn.Module):
@@ -241,7 +254,10 @@ class _ResidualBlock(nn.Module):
         for name, child in block.named_children():
             self.add_module(name, child)
         self.drop_name = spec.drop
+        # a trailing layer scale (_LAYER_SCALE) is folded into the last fused BN
+        scale = chain.pop() if _qualname(chain[-1]) == _LAYER_SCALE else None
         object.__setattr__(self, "_chain", chain)
+        object.__setattr__(self, "_scale", scale)
         object.__setattr__(self, "_orig", block)
         self.train(block.training)
 
@@ -250,13 +266,15 @@ class _ResidualBlock(nn.Module):
         h = x
         for m in head:
             h = m(h)
+        gamma = self._scale.gamma if self._scale is not None else None
         drop = self._modules[self.drop_name] if self.drop_name else None
         if _drops(drop):
-            return drop(last(h)) + x
-        return last(h, residual=x)
+            return drop(last(h, scale=gamma)) + x
+        return last(h, residual=x, scale=gamma)
 
     def extra_repr(self) -> str:
-        return f"{type(self._orig).__name__}, residual add fused"
+        scale = " and layer scale" if self._scale is not None else ""
+        return f"{type(self._orig).__name__}, residual add{scale} fused"
 
 
 def _kind(conv: nn.Conv2d):

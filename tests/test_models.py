@@ -291,10 +291,10 @@ MORE_MODELS = {
                                                              **NO_DROP), 45, 1, 10),
     "timm_efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", **NO_DROP), 48, 1, 9),
     "timm_efficientnet_es": (lambda: timm.create_model("efficientnet_es", **NO_DROP), 41, 8, 12),
-    # its residual adds follow a layer scale: reported, not fused
+    # its residual adds follow a layer scale, folded into the projection's BN
     "timm_mobilenetv4_hybrid_medium": (lambda: timm.create_model("mobilenetv4_hybrid_medium",
                                                                  **NO_DROP),
-                                       86, 21, 0),
+                                       86, 2, 19),
     "timm_lcnet_050": (lambda: timm.create_model("lcnet_050", **NO_DROP), 26, 1, 0),
     "timm_ghostnet_100": (lambda: timm.create_model("ghostnet_100", drop_rate=0.0), 75, 5, 0),
 }
@@ -382,22 +382,29 @@ def _assert_adds_fused_in_eval_only(model, fused, x, calls, n_adds):
 
 def test_residual_add_fused_timm_uir_and_convbnact(monkeypatch):
     """timm's MobileNetV4 UniversalInvertedResidual (projection inside a ConvNormAct,
-    drop path on) and a ConvBnAct block with a skip: the adds run in the projections'
-    fused ops in eval, after the drop path while training; float64 outputs and every
-    gradient equal the original's; revert gives back the blocks."""
+    drop path on), without and with a layer scale (folded into the projection's BN,
+    gamma randomised), and a ConvBnAct block with a skip: the adds run in the
+    projections' fused ops in eval, after the drop path while training; float64 outputs
+    and every gradient (gamma's included) equal the original's; revert gives back the
+    blocks."""
     from timm.models._efficientnet_blocks import ConvBnAct, UniversalInvertedResidual
     calls = _count_fused_residuals(monkeypatch)
     torch.manual_seed(0)
     model = randomise_bn(nn.Sequential(
         UniversalInvertedResidual(16, 16, dw_kernel_size_mid=5, exp_ratio=3.0,
                                   layer_scale_init_value=None, drop_path_rate=0.3),
+        UniversalInvertedResidual(16, 16, dw_kernel_size_start=3, exp_ratio=2.0,
+                                  layer_scale_init_value=1.0, drop_path_rate=0.3),
         ConvBnAct(16, 16, 1, skip=True, act_layer=nn.ReLU6, drop_path_rate=0.3))).double()
+    with torch.no_grad():
+        model[1].layer_scale.gamma.uniform_(-2, 2)
     fused, report = convert(model, return_report=True)
-    assert report.residual == ["0", "1"] and not report.left, str(report)
+    assert report.residual == ["0", "1", "2"] and not report.left, str(report)
+    assert "layer scale" in repr(fused[1]) and "layer scale" not in repr(fused[0])
     _assert_adds_fused_in_eval_only(model, fused, torch.randn(2, 16, 9, 9, dtype=torch.float64),
-                                    calls, 2)
+                                    calls, 3)
     back = mobilenet_ext.revert(fused)
-    assert [type(m) for m in back] == [UniversalInvertedResidual, ConvBnAct]
+    assert [type(m) for m in back] == [UniversalInvertedResidual] * 2 + [ConvBnAct]
 
 
 def test_residual_add_fused_and_reverted(monkeypatch):
