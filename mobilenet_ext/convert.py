@@ -182,7 +182,7 @@ _RESIDUAL_BLOCKS = {
         "drop_path"),
     _TIMM + "EdgeResidual": _ResidualSpec(("conv_exp", "bn1", "aa", "se", "conv_pwl", "bn2"),
                                           "has_skip", "drop_path"),
-    # MobileNetV4; the hybrid models' layer scale stays after the projection (not fused)
+    # MobileNetV4; the hybrid models' layer scale is folded into the projection (_LAYER_SCALE)
     _TIMM + "UniversalInvertedResidual": _ResidualSpec(
         ("dw_start", "pw_exp", "dw_mid", "se", "pw_proj", "dw_end", "layer_scale"), "has_skip",
         "drop_path"),
