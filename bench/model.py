@@ -230,13 +230,17 @@ def _check_and_time(row, name, eager, xs, ref, mode, device, backend, warmup, re
         step(xs[1])
         torch.cuda.synchronize(device)
         row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    call = lambda i: step(xs[i % len(xs)])  # noqa: E731
+
+    def ungraphed(i: int):
+        return step(xs[i % len(xs)])
+
+    call = ungraphed
     row["cuda_graph"] = False
     if device.type == "cuda" and row["batch"] == 1 and mode == "infer":
         # as the layer rows: batch 1 from CUDA graphs, as a deployed batch-1 model runs
         # (launch overhead would dominate every provider); the eager loop's time, launch
         # overhead and Python included, is kept beside it
-        row["ungraphed_stats"] = core.measure(call, device, warmup=warmup,
+        row["ungraphed_stats"] = core.measure(ungraphed, device, warmup=warmup,
                                               repeats=repeats).asdict()
         graph_call, row["graph_error"] = core.graphed(step, [(x,) for x in xs])
         if graph_call is not None:
