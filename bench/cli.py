@@ -187,13 +187,8 @@ def _check_and_time(row, module, layer, buffers, ref, checked, mode, cfg) -> Non
         row.update(status="FAILED", reason=why)
         return
     step = problem.make_step(module, mode)
-    call = core.rotating(step, buffers)
-    row["cuda_graph"] = False
-    if cfg.device.type == "cuda" and cfg.batch == 1 and mode == "infer":
-        # batch 1 runs from CUDA graphs (launch overhead would dominate every provider)
-        graph_call, row["graph_error"] = core.graphed(step, buffers)
-        if graph_call is not None:
-            call, row["cuda_graph"] = graph_call, True
+    call = core.batch1_graphed(row, core.rotating(step, buffers), step, buffers, cfg.device,
+                               cfg.batch, mode)
     row["stats"] = core.measure(call, cfg.device, warmup=cfg.warmup,
                                 repeats=cfg.repeats).asdict()
 

@@ -171,6 +171,22 @@ def measure(call: Callable[[int], None], device: torch.device, *, warmup: int,
 MAX_GRAPHS = 64
 
 
+def batch1_graphed(row: dict, call: Callable[[int], None], step: Callable,
+                   buffers: Sequence[tuple], device: torch.device, batch: int,
+                   mode: str) -> Callable[[int], None]:
+    """What to time for a row: batch-1 inference on a GPU replays CUDA graphs of step over
+    buffers (launch overhead would dominate every provider), anything else, or a failed
+    capture, runs call. Sets row["cuda_graph"] (and row["graph_error"] when it tried)."""
+    row["cuda_graph"] = False
+    if device.type != "cuda" or batch != 1 or mode != "infer":
+        return call
+    graph_call, row["graph_error"] = graphed(step, buffers)
+    if graph_call is None:
+        return call
+    row["cuda_graph"] = True
+    return graph_call
+
+
 def graphed(step: Callable, buffers: Sequence[tuple]) -> tuple[Callable[[int], None] | None,
                                                              str | None]:
     """call(i) replaying one CUDA graph per buffer set (captured from step after a warm-up

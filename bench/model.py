@@ -5,7 +5,7 @@ torch.compile, and converted + compiled. Inference: images/s; training: one step
 (forward, a loss, backward to every parameter; no optimizer update) in ms; peak memory of
 that step on a GPU. Every provider's logits are checked against the eager model run one
 precision up before it is timed. Batch-1 inference on a GPU is timed from CUDA graphs, as the
-layer rows are ("cuda_graph"), with the eager loop's own time in "ungraphed_stats".
+layer rows are ("cuda_graph"), with the eager loop's own time in "ungraphed_stats" beside it.
 """
 from __future__ import annotations
 
@@ -234,17 +234,11 @@ def _check_and_time(row, name, eager, xs, ref, mode, device, backend, warmup, re
     def ungraphed(i: int):
         return step(xs[i % len(xs)])
 
-    call = ungraphed
-    row["cuda_graph"] = False
-    if device.type == "cuda" and row["batch"] == 1 and mode == "infer":
-        # as the layer rows: batch 1 from CUDA graphs, as a deployed batch-1 model runs
-        # (launch overhead would dominate every provider); the eager loop's time, launch
-        # overhead and Python included, is kept beside it
+    call = core.batch1_graphed(row, ungraphed, step, [(x,) for x in xs], device, row["batch"],
+                               mode)
+    if row["cuda_graph"]:  # the eager loop's time too: launch overhead and Python included
         row["ungraphed_stats"] = core.measure(ungraphed, device, warmup=warmup,
                                               repeats=repeats).asdict()
-        graph_call, row["graph_error"] = core.graphed(step, [(x,) for x in xs])
-        if graph_call is not None:
-            call, row["cuda_graph"] = graph_call, True
     stats = core.measure(call, device, warmup=warmup, repeats=repeats)
     row["stats"] = stats.asdict()
     row["images_per_s"] = row["batch"] / stats.median * 1e3

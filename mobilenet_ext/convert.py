@@ -211,24 +211,26 @@ def _drops(drop) -> bool:
 
 
 def _residual_chain(block, spec):
-    """The modules a residual block's body runs, in order, with the trailing
-    nn.Sequential (torchvision's Conv2dNormActivation) opened up so that the last one is
-    the projection's fused BN; or (None, why not). Only nn.Identity may follow that BN."""
+    """(chain, scale, None): the modules a residual block's body runs, in order, with
+    the trailing containers (_runs_children: torchvision's Conv2dNormActivation, timm's
+    ConvNormAct) opened up so that the last one is the projection's fused BN, and the
+    layer scale after it (_LAYER_SCALE) or None; or (None, None, why not). Only
+    nn.Identity and one layer scale may follow that BN."""
     names = [n for n in spec.body if getattr(block, n, None) is not None]
     kids = dict(block.named_children())
     if set(kids) != set(names) | ({spec.drop} if spec.drop else set()):
-        return None, "children differ from the forward mobilenet_ext knows"
+        return None, None, "children differ from the forward mobilenet_ext knows"
     drop = kids.get(spec.drop) if spec.drop else None
     if drop is not None and type(drop) is not nn.Identity and \
             _qualname(drop) not in (_STOCHASTIC_DEPTH, _DROP_PATH):
-        return None, f"{spec.drop} is a {type(drop).__name__}"
+        return None, None, f"{spec.drop} is a {type(drop).__name__}"
     chain = [kids[n] for n in names]
     scale = None
     while chain:  # open up trailing containers, drop trailing nn.Identity
         last = chain[-1]
         if _runs_children(last):
             if _not_plain(last, ""):
-                return None, "a module of its body has hooks"
+                return None, None, "a module of its body has hooks"
             chain[-1:] = list(last.children())
         elif type(last) is nn.Identity and _not_plain(last, "") is None:
             chain.pop()
@@ -239,8 +241,8 @@ def _residual_chain(block, spec):
     if not chain or not isinstance(chain[-1], _FusedBN) or chain[-1].kind != "pointwise":
         ends = f" (it ends in {type(chain[-1]).__name__})" if chain and \
             not isinstance(chain[-1], _FusedBN) else ""
-        return None, f"its body does not end in a fused pointwise conv + BN{ends}"
-    return chain + ([scale] if scale is not None else []), None
+        return None, None, f"its body does not end in a fused pointwise conv + BN{ends}"
+    return chain, scale, None
 
 
 class _ResidualBlock(nn.Module):
@@ -249,15 +251,13 @@ class _ResidualBlock(nn.Module):
     BN gets the block input as residual. While stochastic depth / drop path is active
     (training with p > 0) the add runs after it, as in the block's own forward."""
 
-    def __init__(self, block: nn.Module, spec: _ResidualSpec, chain: list):
+    def __init__(self, block: nn.Module, spec: _ResidualSpec, chain: list, scale=None):
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, child)
         self.drop_name = spec.drop
-        # a trailing layer scale (_LAYER_SCALE) is folded into the last fused BN
-        scale = chain.pop() if _qualname(chain[-1]) == _LAYER_SCALE else None
         object.__setattr__(self, "_chain", chain)
-        object.__setattr__(self, "_scale", scale)
+        object.__setattr__(self, "_scale", scale)  # a layer scale folded into the last BN
         object.__setattr__(self, "_orig", block)
         self.train(block.training)
 
@@ -378,10 +378,10 @@ def _walk(module, prefix, report):
         _walk(child, f"{prefix}{name}.", report)
         spec = _RESIDUAL_BLOCKS.get(_qualname(child))
         if spec is not None and getattr(child, spec.flag, False) is True:
-            chain, why = _residual_chain(child, spec)
+            chain, scale, why = _residual_chain(child, spec)
             why = why or _not_plain(child, "block")
             if why is None:
-                setattr(module, name, _ResidualBlock(child, spec, chain))
+                setattr(module, name, _ResidualBlock(child, spec, chain, scale))
                 report.residual.append(prefix + name)
             else:
                 report.left.append((prefix + name, f"residual add not fused: {why}"))
