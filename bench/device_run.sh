@@ -46,10 +46,13 @@ step bench 130 $PY -m bench --op all --mode both --providers eager,folded,ours -
 step tests_cuda 140 $PY -m pytest -q -p no:cacheprovider -m gpu -rf tests/test_vec_paths.py \
   tests/test_dw_conv.py tests/test_pw_conv.py
 export STEPLOG=knobs
-step sweep 60 bash -c "$PY -m bench.sweep --op dw --mode infer --setting MOBILENET_EXT_DW_TILE=1 \
+step sweep 75 bash -c "$PY -m bench.sweep --op dw --mode infer --setting MOBILENET_EXT_DW_TILE=1 \
 --setting MOBILENET_EXT_VEC_OCC=1 && \
 $PY -m bench.sweep --op dw --mode train --setting MOBILENET_EXT_DW_TILE=1 \
+--setting MOBILENET_EXT_DW_TILE=1,MOBILENET_EXT_DW_TILE_SPLIT=1 \
 --setting MOBILENET_EXT_DW_SPLIT=0 --repeats 15 && \
+$PY -m bench.sweep --op dw --mode train --layer 'v3 120@28x28 s1 k5' \
+--layer 'v3 672@14x14 s2 k5' --setting MOBILENET_EXT_DW_TILE=1 --repeats 10 && \
 $PY -m bench.sweep --op pw --mode train --setting MOBILENET_EXT_PW_SAVE=1 \
 --setting MOBILENET_EXT_VEC=0 --repeats 15"
 step profile 45 bash -c "$PY -m bench.profile --op dw --mode train --steps 3 \

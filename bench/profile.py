@@ -13,8 +13,20 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from . import dw, problem, pw
+from .shapes import mobilenet_v3_dw_layers
 
 OPS = {"dw": (dw.OP, dw.Fused), "pw": (pw.OP, pw.Fused)}
+
+
+def find_layers(op_name: str, name: str | None) -> list:
+    """The MobileNetV2 layers of op `op_name` when name is None; else the layer called
+    `name` among every one the aids know: the op's tables (V2, V1) and, for dw,
+    MobileNetV3's 5x5 layers (mobilenet_v3_dw_layers). Empty when none is."""
+    op = OPS[op_name][0]
+    if name is None:
+        return [lay for lay in op.layers() if lay.net == "v2"]
+    known = op.layers() + (mobilenet_v3_dw_layers() if op_name == "dw" else [])
+    return [lay for lay in known if lay.name == name][:1]
 
 
 def cuda_fp16_cl(parser: argparse.ArgumentParser) -> tuple:
@@ -47,8 +59,9 @@ def kernel_table(step, args, steps: int, top: int) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     p.add_argument("--op", choices=list(OPS), default="pw")
-    p.add_argument("--layer", help="a layer name as the bench prints it (default: every "
-                   "MobileNetV2 layer of the op)")
+    p.add_argument("--layer", help="a layer name as the bench prints it, or a MobileNetV3 "
+                   "5x5 one (\"v3 120@28x28 s1 k5\"; default: every MobileNetV2 layer of "
+                   "the op)")
     p.add_argument("--mode", choices=["infer", "train"], default="train")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=5)
@@ -56,10 +69,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dev, dtype, fmt = cuda_fp16_cl(p)
     op, fused = OPS[args.op]
-    layers = [lay for lay in op.layers() if lay.net == "v2"
-              and (args.layer is None or lay.name == args.layer)]
+    layers = find_layers(args.op, args.layer)
     if not layers:
-        p.error(f"no MobileNetV2 {args.op} layer named {args.layer!r}")
+        p.error(f"no {args.op} layer named {args.layer!r}")
     seen = set()
     for layer in layers:
         if layer.name in seen:

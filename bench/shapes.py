@@ -127,6 +127,23 @@ def mobilenet_v2_dw_layers(input_size: int = 224) -> list[DWLayer]:
     return [DWLayer(c, h, w, s, k, n) for (c, h, w, s, k), n in seen.items()]
 
 
+def mobilenet_v3_dw_layers(input_size: int = 224, k: int = 5) -> list[DWLayer]:
+    """The distinct k x k depthwise shapes of torchvision's `mobilenet_v3_large()`
+    (width 1.0; net "v3"): the 5x5 layers that MobileNetV2 and V1 lack. Not in the
+    benchmark's tables (its time is budgeted on a GPU run); `python -m bench.sweep` and
+    `bench.profile` take them by name, e.g. "v3 120@28x28 s1 k5"."""
+    import torchvision
+
+    with torch.device("meta"):
+        model = torchvision.models.mobilenet_v3_large()
+    seen: Counter = Counter()
+    for conv, (_, c, h, w) in _conv_calls(model, filter(_is_depthwise, model.modules()),
+                                          input_size):
+        if conv.kernel_size == (k, k):
+            seen[(c, h, w, conv.stride[0])] += 1
+    return [DWLayer(c, h, w, s, k, n, net="v3") for (c, h, w, s), n in seen.items()]
+
+
 def _activations(model: nn.Module) -> dict[nn.Conv2d, str]:
     """conv -> the activation after its BatchNorm among its siblings ("identity" when the
     container ends after the BN, as in MobileNetV2's linear projection)."""

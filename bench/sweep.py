@@ -16,7 +16,7 @@ import os
 import torch
 
 from . import core, problem
-from .profile import OPS, cuda_fp16_cl
+from .profile import OPS, cuda_fp16_cl, find_layers
 DEFAULT_LAYERS = {"dw": ("32@112x112 s1", "96@112x112 s2", "144@56x56 s1", "576@14x14 s1"),
                   "pw": ("expand 24->144@56x56", "project 144->24@56x56 +res")}
 
@@ -25,7 +25,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__)
     p.add_argument("--op", choices=list(OPS), default="dw")
     p.add_argument("--mode", choices=["infer", "train"], default="infer")
-    p.add_argument("--layer", action="append", help="layer name (repeatable)")
+    p.add_argument("--layer", action="append", help="layer name (repeatable): a MobileNetV2 "
+                   "or V1 one as the bench prints it, or a MobileNetV3 5x5 depthwise one "
+                   "(\"v3 120@28x28 s1 k5\")")
     p.add_argument("--setting", action="append", default=[], help="VAR=VALUE[,VAR=VALUE]")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=30)
@@ -38,8 +40,10 @@ def main(argv=None) -> int:
     print(f"{args.op} {args.mode} fp16 channels_last batch {args.batch}, median ms of "
           f"{args.repeats} (CUDA events, inputs rotated)")
     print(f"{'layer':32s} " + " ".join(f"{s[:22]:>22s}" for s, _ in [("eager", 0)] + settings))
-    for name in names:
-        layer = next(lay for lay in op.layers() if lay.name == name and lay.net == "v2")
+    layers = [find_layers(args.op, name) for name in names]
+    if not all(layers):
+        p.error(f"unknown {args.op} layer: {[n for n, f in zip(names, layers) if not f]}")
+    for name, (layer,) in zip(names, layers):
         template = op.template(layer, dtype, fmt, dev)
         template.train(args.mode == "train")
         mods = [("eager", template), *((s, fused(template).train(args.mode == "train"))

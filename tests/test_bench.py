@@ -410,6 +410,23 @@ def test_mobilenet_v1_tables_reproduce_the_paper():
     assert "v1 512@14x14 s1" in names and "576@14x14 s1" in names
 
 
+def test_mobilenet_v3_5x5_layers_for_the_aids():
+    """The 5x5 depthwise layers of torchvision's mobilenet_v3_large (blocks 40 x3 at 56/28
+    and 160 x3 at 14/7: the expansions 72, 120, 120, 672, 960, 960), which bench.sweep and
+    bench.profile find by name, and only by an exact name."""
+    from bench.profile import find_layers
+    from bench.shapes import mobilenet_v3_dw_layers
+    v3 = mobilenet_v3_dw_layers()
+    assert [(lay.c, lay.h, lay.stride, lay.k, lay.padding, lay.count) for lay in v3] == [
+        (72, 56, 2, 5, 2, 1), (120, 28, 1, 5, 2, 2), (672, 14, 2, 5, 2, 1), (960, 7, 1, 5, 2, 2)]
+    assert v3[1].name == "v3 120@28x28 s1 k5" and v3[2].out_hw == (7, 7)
+    assert find_layers("dw", "v3 120@28x28 s1 k5") == [v3[1]]
+    assert find_layers("dw", "v1 512@14x14 s1")[0].net == "v1"
+    assert find_layers("dw", "120@28x28 s1 k5") == [] and find_layers("pw", v3[1].name) == []
+    assert [lay.net for lay in find_layers("dw", None)] == ["v2"] * len(MOBILENET_V2_DW)
+    assert all(lay.k == 3 for lay in dw.OP.layers())  # the bench's own tables: no 5x5 rows
+
+
 def test_totals_per_network():
     rows = [_row("a", 2, "infer", "eager", 1.0), _row("a", 2, "infer", "ours", 0.5)]
     v1 = [dict(r, layer="v1 b", net="v1", count=1) for r in rows]

@@ -5,9 +5,11 @@
 // semantics; also dx at stride 1, the conv of dc with the taps reversed) and dc (the
 // backward's dc = a*dz + b*conv + d, vec_bwd_dc_kernel without taps). Kernels of a
 // grid-stride loop of tiles per chunk, writing the strip kernels' partials: batch
-// statistics (vec_stats_kernel), backward sums (vec_bwd_sums_kernel) and the weight
-// gradient from the stored dc (vec_dweight_kernel). All of them stage the tile alike
-// (stage_tile) and walk a strip's input window in it alike (tile_for_inputs).
+// statistics (vec_stats_kernel), backward sums (vec_bwd_sums_kernel), the weight
+// gradient from the stored dc (vec_dweight_kernel), and dc with the weight gradient
+// from a second shared buffer (dw_tile_dc_dweight_kernel: every K, the default dc
+// stage). All of them stage the tile alike (stage_tile) and walk a strip's input
+// window in it alike (tile_for_inputs).
 //
 // Why: vec_apply_kernel loads each thread's (R-1)*S + K input columns per kernel
 // row straight from global memory into registers, so the bytes in flight per SM
@@ -45,6 +47,7 @@
 // (statistics, backward sums, weight-gradient taps) add the same strip values grouped
 // in another order (see dw_tile_stats_kernel).
 #include <climits>
+#include <type_traits>
 
 #include "vec_tile.cuh"
 
@@ -108,14 +111,15 @@ struct DwTile {
   int cg_blocks, tiles_w, tiles_h;
 };
 
-// The CG (and its layout) with the fewest blocks per image row of tiles,
+// The CG in {2, 4, 8, 16}, at most max_cg, (and its layout) with the fewest blocks per
+// image row of tiles,
 // ceil(Wout / TW) * ceil(groups / CG), among those whose tile fits in 48 KB; on a
 // tie the wider tile (less halo). E.g. fp16: 144@56x56 -> CG 2 (TW 64, 9 blocks),
 // 32@112x112 -> CG 2 (2 x 2), 576@14x14 -> CG 8 (TW 16, 9 blocks).
 template <int K, int S>
-bool pick_tile(int groups, int Wout, TileLayout* best) {
+bool pick_tile(int groups, int Wout, TileLayout* best, int max_cg) {
   int64_t best_cost = -1;
-  for (int cg = 2; cg <= 16; cg *= 2) {
+  for (int cg = 2; cg <= 16 && cg <= max_cg; cg *= 2) {
     const TileLayout l = tile_layout<K, S>(cg);
     if (int64_t(TileShape<K, S>::kRows) * l.pitch * 16 > 48 * 1024) continue;
     const int tw = 32 / cg * kDwR;
@@ -265,9 +269,16 @@ __device__ __forceinline__ void tile_strip_conv(const DwTile<T>& t, const TileOr
 // nv) for this thread's strip (output row ho, first column wo, nv valid columns) when
 // its group is active and the strip inside the output; every thread passes both
 // barriers.
-template <typename T, int K, int S, typename F>
+// With a second phase `then` (dw_tile_dc_dweight_kernel): then(origin) by every thread
+// after every strip's f, between two more barriers' worth of ordering (it reads what f
+// left in shared memory; the next tile's copies wait for it).
+struct NoPhase {
+  __device__ __forceinline__ void operator()(const TileOrigin&) const {}
+};
+
+template <typename T, int K, int S, typename F, typename G = NoPhase>
 __device__ __forceinline__ void for_block_tiles(const DwTile<T>& t, const TileThread& th,
-                                                int tiles, uint4* tile, F&& f) {
+                                                int tiles, uint4* tile, F&& f, G&& then = G()) {
   for (int k = blockIdx.y; k < tiles; k += gridDim.y) {
     const TileOrigin o = tile_origin<K, S>(t, k);
     stage_tile<T, K, S>(t, o, th, tile);
@@ -276,6 +287,10 @@ __device__ __forceinline__ void for_block_tiles(const DwTile<T>& t, const TileTh
     if (th.active && ho < t.Hout && wo < t.Wout)
       f(o, ho, wo, t.Wout - wo < kDwR ? t.Wout - wo : kDwR);
     __syncthreads();  // every read of this tile done: the next copies (or the merge) reuse it
+    if constexpr (!std::is_same<std::decay_t<G>, NoPhase>::value) {
+      then(o);
+      __syncthreads();
+    }
   }
 }
 
@@ -408,16 +423,172 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kB
                             th.active);
 }
 
+// Threads per (kernel row, channel group) of the weight-gradient phase of
+// dw_tile_dc_dweight_kernel: kThreads / (K * CG) parts, each a share of the tile's
+// pixels; at least 1 for CG <= kThreads / K, which its launch asks pick_tile for (K = 7
+// at stride 2, 64 threads: CG 8 at most).
+template <int K, int S>
+__host__ __device__ __forceinline__ int dweight_parts(int cg) {
+  return TileShape<K, S>::kThreads / (K * cg);
+}
+
+// Where dw_tile_dc_dweight_kernel keeps each thread's K*V weight-gradient sums
+// between tiles: in shared memory at stride 1, where 2 blocks of 256 threads cap the
+// kernel at 128 registers and sums held in registers across the dc phase spilled
+// 450-2700 B at fp16 (ptxas, sm_90); in registers at stride 2 (64-128 threads per
+// block: 117-218 registers, at most 64 B of spills).
+template <int K, int S>
+struct DcDweightShape {
+  static constexpr bool kSmemSums = S == 1;
+  // units (16 bytes) of the dc buffer: the tile's TH x TW output pixels x CG units
+  static constexpr int kDcUnits = TileShape<K, S>::kTH * 32 * kDwR;
+  // bytes of the per-thread sums (kThreads x K * V floats)
+  template <typename T>
+  static constexpr size_t sums_bytes() {
+    return size_t(TileShape<K, S>::kThreads) * K * Vec<T>::V * sizeof(float);
+  }
+};
+
+// The backward's dc and the weight gradient in one kernel, for every K and stride:
+// the split pair (dw_tile_apply_kernel<..., true>, then dw_tile_dweight_kernel) without
+// its second read of x and dc. Grid-stride over tiles like the reduction kernels
+// (for_block_tiles, grid (cg_blocks, chunks)). Shared memory: the x tile, then the dc
+// buffer (kDcUnits), then at stride 1 the sums (kSmemSums). Per tile:
+// 1. stage x; each strip thread computes its strip's dc as the one-tile kernel does
+//    (tile conv, then dc_store_each: dc_store's values, bit-identical, with fewer
+//    registers) and also writes it, in T, to the dc buffer: pixel q = row * TW + column
+//    at unit q * CG + group;
+// 2. after a barrier, the weight-gradient phase from shared memory: thread t takes
+//    channel group t % CG (its own group), kernel row i = t / CG % K and part
+//    t / (CG * K) < parts (dweight_parts); it walks the pixels q = part, part + parts,
+//    ... inside the output, loads dc(q) once and x(q's tap row i, taps j = 0..K-1) from
+//    the staged tile (taps outside the image skipped, as taps_fma does: those units
+//    were never written), and adds into its K * V sums (K * V per thread instead of
+//    the K * K * V a strip thread would need: why the strip path has no vector dc at
+//    K = 5, 7, whose dc then runs on the scalar kernel).
+// At the end the parts of each (i, group) are summed in a fixed order (part 0 first:
+// deterministic) into chunk blockIdx.y's partials [chunk][tap][C], tap = i * K + j.
+// The dc values are the stored ones (in T), as the split dweight kernel reads them;
+// the sums group them differently (close to the split pair's, not bit-identical).
+// The sums of thread t, float e of its K * V, live at float4 unit (e / 4) * kThreads + t
+// (consecutive threads, consecutive units: no bank conflicts).
+template <typename T, int K, int S>
+__global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kBwdMinBlocks)
+    dw_tile_dc_dweight_kernel(const VecArgs a, const DwTile<T> t, int tiles) {
+  using Shape = DcDweightShape<K, S>;
+  constexpr int V = Vec<T>::V, R = kDwR, RS = R * S, TH = TileShape<K, S>::kTH;
+  constexpr int kThreads = TileShape<K, S>::kThreads, kUnits = K * V / 4;
+  extern __shared__ uint4 tile[];
+  const TileThread th(t.l.cg, blockIdx.x, t.C, V);
+  const int CG = t.l.cg, TW = 32 / CG * R, c0 = th.g * V;
+  uint4* dcs = tile + TileShape<K, S>::kRows * t.l.pitch;
+  // the sums: after the dc buffer (stride 1), or the tile's own buffer once the loop is
+  // done (stride 2: the final merge only)
+  float4* sums = reinterpret_cast<float4*>(Shape::kSmemSums ? dcs + Shape::kDcUnits : tile) +
+                 threadIdx.x;
+  const int parts = dweight_parts<K, S>(CG);
+  const int ki = int(threadIdx.x) / CG % K, part = int(threadIdx.x) / (CG * K);
+  const bool summer = th.active && part < parts;
+  float dw[K][V];
+  auto zero = [&] {
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+#pragma unroll
+      for (int v = 0; v < V; ++v) dw[j][v] = 0.f;
+  };
+  // dw <-> the shared sums (float e = j * V + v at unit e / 4)
+  auto add_to_sums = [&] {
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) {
+      float4 q = Shape::kSmemSums ? sums[u * kThreads] : make_float4(0.f, 0.f, 0.f, 0.f);
+      q.x += dw[u * 4 / V][u * 4 % V];
+      q.y += dw[u * 4 / V][u * 4 % V + 1];
+      q.z += dw[u * 4 / V][u * 4 % V + 2];
+      q.w += dw[u * 4 / V][u * 4 % V + 3];
+      sums[u * kThreads] = q;
+    }
+  };
+  zero();
+  if (Shape::kSmemSums) {
+    if (summer) {
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u) sums[u * kThreads] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    __syncthreads();  // zeroed before any merge, also in a block that gets no tile
+  }
+  for_block_tiles<T, K, S>(
+      t, th, tiles, tile,
+      [&](const TileOrigin& o, int ho, int wo, int nv) {
+        float c[R][V];
+        tile_strip_conv<T, K, S>(t, o, th, tile, c);
+        DcCoef<V> k;  // loaded per tile: fewer registers live across the loop
+        k.load(a, c0);
+        uint4* mine = dcs + (th.row * TW + th.strip * R) * CG + th.gl;
+        dc_store_each<T>(a, k, out_offset(t, o.n, ho, wo, c0), nv, c,
+                         [&](int r, const float (&d)[V]) {
+                           vstore<V>(reinterpret_cast<T*>(mine + r * CG), d);
+                         });
+      },
+      [&](const TileOrigin& o) {
+        if (!summer) return;
+        if (Shape::kSmemSums) zero();
+        const int hi = o.hi0 + ki;  // + row * S: the image row of tap row ki
+        for (int q = part; q < TH * TW; q += parts) {
+          const int row = q / TW, col = q % TW;
+          if (o.ho0 + row >= t.Hout || o.wo0 + col >= t.Wout) continue;
+          if (hi + row * S < 0 || hi + row * S >= t.Hin) continue;
+          float g[V];
+          vload<V>(reinterpret_cast<const T*>(dcs + q * CG + th.gl), g);
+          const uint4* xr = tile + (row * S + ki) * t.l.pitch + th.gl;
+#pragma unroll
+          for (int j = 0; j < K; ++j) {
+            const int cc = col * S + j, wi = o.wi0 + cc;
+            if (wi < 0 || wi >= t.Win) continue;  // not staged: may hold anything
+            float xv[V];
+            vload<V>(reinterpret_cast<const T*>(xr + cc * CG + cc / RS * t.l.skew), xv);
+#pragma unroll
+            for (int v = 0; v < V; ++v) dw[j][v] += g[v] * xv[v];
+          }
+        }
+        if (Shape::kSmemSums) add_to_sums();
+      });
+  // the loop's last barrier is behind every read of the tile and the dc buffer
+  if (!Shape::kSmemSums) {
+    if (summer) add_to_sums();
+    __syncthreads();
+  }
+  if (!summer || part != 0) return;
+  const float4* all = sums - threadIdx.x;
+  for (int p = Shape::kSmemSums ? 0 : 1; p < parts; ++p) {
+    if (Shape::kSmemSums && p == 0) zero();
+    const int other = p * CG * K + int(threadIdx.x);
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) {
+      const float4 q = all[u * kThreads + other];
+      dw[u * 4 / V][u * 4 % V] += q.x;
+      dw[u * 4 / V][u * 4 % V + 1] += q.y;
+      dw[u * 4 / V][u * 4 % V + 2] += q.z;
+      dw[u * 4 / V][u * 4 % V + 3] += q.w;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    float* pt = a.part + (int64_t(blockIdx.y) * K * K + ki * K + j) * t.C + c0;
+#pragma unroll
+    for (int v = 0; v < V; ++v) pt[v] = dw[j][v];
+  }
+}
+
 // The launch arguments and tile count of a conv of `in` (N, Hin, Win, C) with the
 // weights wt (K*K, C) into (N, Hout, Wout, C): false where no tile fits in 48 KB, or
-// the tile count does not fit an int.
+// the tile count does not fit an int. max_cg: the largest CG allowed (pick_tile).
 template <typename T, int K, int S>
 bool tile_args(const void* in, const void* wt, int N, int C, int Hin, int Win, int Hout,
-               int Wout, int pad, DwTile<T>* t, int* tiles) {
+               int Wout, int pad, DwTile<T>* t, int* tiles, int max_cg = 16) {
   using Shape = TileShape<K, S>;
   const int groups = C / Vec<T>::V;
   TileLayout l;
-  if (!pick_tile<K, S>(groups, Wout, &l)) return false;
+  if (!pick_tile<K, S>(groups, Wout, &l, max_cg)) return false;
   const int tw = 32 / l.cg * kDwR;
   *t = DwTile<T>{static_cast<const T*>(in), static_cast<const T*>(wt), C, Hin, Win, Hout, Wout,
                  pad, l, (groups + l.cg - 1) / l.cg, (Wout + tw - 1) / tw,
@@ -454,6 +625,33 @@ template <int K, int S>
 size_t reduce_smem(const TileLayout& l, int floats) {
   const size_t merge = size_t(TileShape<K, S>::kThreads) * floats * sizeof(float);
   return tile_bytes<K, S>(l) > merge ? tile_bytes<K, S>(l) : merge;
+}
+
+// dw_tile_dc_dweight_kernel over p.chunks chunks. Its shared memory (the tile, the dc
+// buffer, the sums at stride 1) mostly passes the 48 KB a launch gets without asking:
+// at fp16, stride 1, 62-66 KB at K = 3 (3 blocks per SM fit; the registers allow 2),
+// 86-92 KB at K = 5 (2 blocks), 110-113 KB at K = 7 (2 blocks, 1 at CG 4); at stride 2,
+// 45-49 KB. So the kernel is allowed that much first; where the device refuses (less
+// shared memory per block), the strip path (K = 3) or the scalar kernel runs instead.
+template <typename T, int K, int S>
+cudaError_t launch_dc_dweight(const VecArgs& a, const DwTile<T>& t, int tiles,
+                              const dim3& grid, cudaStream_t stream) {
+  using Shape = TileShape<K, S>;
+  using DcShape = DcDweightShape<K, S>;
+  if (dweight_parts<K, S>(t.l.cg) < 1) return cudaErrorNotSupported;  // no sums would be written
+  const size_t sums = DcShape::template sums_bytes<T>();
+  const size_t staged = tile_bytes<K, S>(t.l) + size_t(DcShape::kDcUnits) * 16;
+  const size_t smem = DcShape::kSmemSums ? staged + sums : (staged > sums ? staged : sums);
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(dw_tile_dc_dweight_kernel<T, K, S>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return cudaErrorNotSupported;
+  }
+  dw_tile_dc_dweight_kernel<T, K, S><<<grid, Shape::kThreads, smem, stream>>>(a, t, tiles);
+  MBX_LAUNCH_CHECK();
+  return cudaSuccess;
 }
 
 }  // namespace
@@ -494,16 +692,28 @@ cudaError_t dw_tile_launch(VecStage stage, const ConvLaunch& p, cudaStream_t str
           <<<reduce_grid, Shape::kThreads, reduce_smem<K, S>(t.l, V), stream>>>(a, t, tiles);
       break;
     case kVecBwdDc:
-      // dc, then the weight gradient from it (the strip path's split variant); K*K*V tap
-      // sums per thread fit in registers for K == 3 only, as on the strip path
+      // K == 3 with MOBILENET_EXT_DW_TILE_SPLIT=1: dc, then the weight gradient from it
+      // (the strip path's split pair; K*K*V tap sums per thread fit in registers for
+      // K == 3 only). Else dc and the weight gradient in one kernel, every K.
       if constexpr (K == 3) {
-        const cudaError_t err = launch_per_tile<T, K, S, true>(a, t, tiles, stream);
-        if (err != cudaSuccess) return err;
-        dw_tile_dweight_kernel<T, K, S>
-            <<<reduce_grid, Shape::kThreads, reduce_smem<K, S>(t.l, V), stream>>>(a, t, tiles);
-        break;
-      } else {
-        return cudaErrorNotSupported;
+        if (env_int("MOBILENET_EXT_DW_TILE_SPLIT", 0) == 1) {
+          const cudaError_t err = launch_per_tile<T, K, S, true>(a, t, tiles, stream);
+          if (err != cudaSuccess) return err;
+          dw_tile_dweight_kernel<T, K, S>
+              <<<reduce_grid, Shape::kThreads, reduce_smem<K, S>(t.l, V), stream>>>(a, t,
+                                                                                     tiles);
+          break;
+        }
+      }
+      {
+        // its own tile choice: CG small enough for a part per (kernel row, group); the
+        // chunk count stays the host's (blocks left without a tile write zero partials)
+        DwTile<T> td;
+        int tiles_d;
+        if (!tile_args<T, K, S>(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad, &td,
+                                &tiles_d, Shape::kThreads / K))
+          return cudaErrorNotSupported;
+        return launch_dc_dweight<T, K, S>(a, td, tiles_d, dim3(td.cg_blocks, p.chunks), stream);
       }
     default:
       return cudaErrorNotSupported;

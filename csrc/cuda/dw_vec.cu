@@ -48,7 +48,8 @@ cudaError_t run_stage(VecStage stage, const ConvLaunch& p, cudaStream_t stream) 
       }
       return vec_launch_apply<T>(p, a, src, stream);
     case kVecBwdDc:
-      // K*K*V weight-gradient accumulators per thread: registers for K == 3 only
+      // K*K*V weight-gradient accumulators per thread: registers for K == 3 only (the
+      // tile path's dw_tile_dc_dweight_kernel, before this switch, takes every K)
       if constexpr (K != 3) {
         return cudaErrorNotSupported;
       } else if (env_int("MOBILENET_EXT_DW_SPLIT", S == 1 ? 1 : 0) == 1) {

@@ -91,10 +91,11 @@ int dw_vec_chunks(const ConvLaunch& p);
 // Depthwise, dw_vec_launch's stages through a shared-memory input tile per block
 // (dw_tile.cu; taken when MOBILENET_EXT_DW_TILE=1), for the geometries and pointers
 // dw_vec_launch accepts, with the same outputs and partials (kVecStats includes its
-// finalize; kVecBwdDc writes dc and then the weight-gradient partials in a second
-// kernel); T in {float, __half, __nv_bfloat16}, K in {3, 5, 7}, S in {1, 2}.
-// cudaErrorNotSupported for kVecBwdDc at K != 3, kVecDx at stride 2 or pad > K - 1,
-// and where no tile fits or a grid would not: the caller takes the strip kernels.
+// finalize; kVecBwdDc writes dc and the weight-gradient partials in one kernel, or in
+// two at K = 3 with MOBILENET_EXT_DW_TILE_SPLIT=1); T in {float, __half,
+// __nv_bfloat16}, K in {3, 5, 7}, S in {1, 2}. cudaErrorNotSupported for kVecDx at
+// stride 2 or pad > K - 1, and where no tile fits, a grid would not, or the device
+// refuses the shared memory: the caller takes the strip (or scalar) kernels.
 template <typename T, int K, int S>
 cudaError_t dw_tile_launch(VecStage stage, const ConvLaunch& p, cudaStream_t stream);
 // The chunk count (p.chunks) for the tile kernels' reductions of p (sized by tiles, not

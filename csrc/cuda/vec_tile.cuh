@@ -544,7 +544,16 @@ __global__ void __launch_bounds__(kVecThreads) vec_stats_kernel(const VecArgs a,
   if (threadIdx.y == 0 && c0 < a.C) store_stats_partial(a.part, a.C, blockIdx.y, c0, mean, m2, n);
 }
 
-// dz = act'(conv*scale + shift) * dy for a strip; zero past the strip's end.
+// dz = act'(conv*scale + shift) * dy at one pixel, d its dy values.
+template <int V>
+__device__ __forceinline__ void pixel_dz(int act, const float (&c)[V], const float (&sc)[V],
+                                         const float (&sh)[V], const float (&d)[V],
+                                         float (&dz)[V]) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) dz[v] = act_bwd<float>(act, c[v] * sc[v] + sh[v], d[v]);
+}
+
+// dz = act'(conv*scale + shift) * dy for a strip (pixel_dz); zero past the strip's end.
 template <typename T, int R, int V>
 __device__ __forceinline__ void strip_dz(const VecArgs& a, int64_t base, int nv,
                                          const float (&c)[R][V], const float (&sc)[V],
@@ -555,8 +564,7 @@ __device__ __forceinline__ void strip_dz(const VecArgs& a, int64_t base, int nv,
     if (r < nv) {
       float d[V];
       vload<V>(dy + base + int64_t(r) * a.C, d);
-#pragma unroll
-      for (int v = 0; v < V; ++v) dz[r][v] = act_bwd<float>(a.act, c[r][v] * sc[v] + sh[v], d[v]);
+      pixel_dz(a.act, c[r], sc, sh, d, dz[r]);
     } else {
 #pragma unroll
       for (int v = 0; v < V; ++v) dz[r][v] = 0.f;
@@ -640,9 +648,16 @@ struct DcCoef {
   }
 };
 
-// dc = a*dz + b*conv + d for a strip's first nv pixels (pixel r at element offset base +
-// r*C), stored to a.dc and returned in g (zero past nv). Shared by vec_bwd_dc_kernel and
-// dw_tile.cu's tile kernel.
+// dc = a*dz + b*conv + d of one pixel's V channels, in place of dz.
+template <int V>
+__device__ __forceinline__ void pixel_dc(const DcCoef<V>& k, const float (&c)[V], float (&g)[V]) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) g[v] = k.ka[v] * g[v] + k.kb[v] * c[v] + k.kd[v];
+}
+
+// dc (pixel_dc) for a strip's first nv pixels (pixel r at element offset base + r*C),
+// stored to a.dc and returned in g (zero past nv). Shared by vec_bwd_dc_kernel and
+// dw_tile.cu's one-tile dc kernel.
 template <typename T, int R, int V>
 __device__ __forceinline__ void dc_store(const VecArgs& a, const DcCoef<V>& k, int64_t base,
                                          int nv, const float (&c)[R][V], float (&g)[R][V]) {
@@ -651,9 +666,37 @@ __device__ __forceinline__ void dc_store(const VecArgs& a, const DcCoef<V>& k, i
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     if (r >= nv) continue;  // g stays zero there
-#pragma unroll
-    for (int v = 0; v < V; ++v) g[r][v] = k.ka[v] * g[r][v] + k.kb[v] * c[r][v] + k.kd[v];
+    pixel_dc(k, c[r], g[r]);
     vstore<V>(dc + base + int64_t(r) * a.C, g[r]);
+  }
+}
+
+// dc_store's values, each pixel's passed to sink(r, dc values) after its store, with
+// fewer registers (dw_tile_dc_dweight_kernel is at its cap): the strip's dy vectors are
+// loaded first as raw 16-byte words (R * 4 registers, not dc_store's R * V floats of
+// dz; loaded up front because a.dy and a.dc may alias as far as the compiler knows, so
+// a load after a store could not be hoisted above it), then one pixel at a time, so that
+// conv(r) and dc(r) die with it.
+template <typename T, int R, int V, typename Sink>
+__device__ __forceinline__ void dc_store_each(const VecArgs& a, const DcCoef<V>& k,
+                                              int64_t base, int nv, const float (&c)[R][V],
+                                              Sink&& sink) {
+  static_assert(V * sizeof(T) == 16, "one 16-byte word per pixel");
+  const T* dy = static_cast<const T*>(a.dy);
+  T* dc = static_cast<T*>(a.dc);
+  uint4 raw[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    if (r < nv) raw[r] = *reinterpret_cast<const uint4*>(dy + base + int64_t(r) * a.C);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= nv) continue;
+    float g[V];
+    vload<V>(reinterpret_cast<const T*>(&raw[r]), g);
+    pixel_dz(a.act, c[r], k.sc, k.sh, g, g);
+    pixel_dc(k, c[r], g);
+    vstore<V>(dc + base + int64_t(r) * a.C, g);
+    sink(r, g);
   }
 }
 
@@ -767,9 +810,12 @@ inline VecArgs vec_args(const ConvLaunch& p) {
 //   (default at stride 1: 6-7% faster), 0 = one kernel (default at stride 2, where the
 //   split measured 6% slower).
 // - MOBILENET_EXT_DW_TILE=1: the depthwise stages through a shared-memory input tile
-//   per block (dw_tile.cu): apply, statistics and backward sums for every K and stride,
-//   dc + weight gradient (split) at K=3, dx at stride 1; it overrides the other
-//   depthwise knobs where it applies. Default 0 until measured on a GPU.
+//   per block (dw_tile.cu): apply, statistics, backward sums, and dc with the weight
+//   gradient in one kernel, for every K and stride; dx at stride 1; it overrides the
+//   other depthwise knobs where it applies. Default 0 until measured on a GPU.
+// - MOBILENET_EXT_DW_TILE_SPLIT=1 (with DW_TILE=1): at K=3, dc and the weight gradient
+//   through the tile in two kernels instead (the comparison for the one-kernel
+//   variant; default 0).
 inline int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
