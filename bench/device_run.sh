@@ -43,8 +43,12 @@ step misaligned 40 env CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -q -p no:cacheprovid
   "tests/test_vec_paths.py::test_pw_paths[case2-dtype0-False-False-1-True]"
 step bench 130 $PY -m bench --op all --mode both --providers eager,folded,ours --batch 128 \
   --repeats 20 --warmup 3 --json "$OUT/bench.json" --plot "$OUT/bench.png"
-step tests_cuda 140 $PY -m pytest -q -p no:cacheprovider -m gpu -rf tests/test_vec_paths.py \
-  tests/test_dw_conv.py tests/test_pw_conv.py
+# the kernels never run on a GPU yet (the shared-memory tile ones: "tile" in the test id)
+# in a process of their own after the others: a fault there cannot take the rest with it
+step tests_cuda 110 $PY -m pytest -q -p no:cacheprovider -m gpu -rf -k "not tile" \
+  tests/test_vec_paths.py tests/test_dw_conv.py tests/test_pw_conv.py
+STEPLOG=tests_cuda step tests_tile 50 $PY -m pytest -q -p no:cacheprovider -m gpu -rf -k tile \
+  tests/test_vec_paths.py
 export STEPLOG=knobs
 step sweep 75 bash -c "$PY -m bench.sweep --op dw --mode infer --setting MOBILENET_EXT_DW_TILE=1 \
 --setting MOBILENET_EXT_VEC_OCC=1 && \

@@ -136,7 +136,7 @@ def test_pw_paths(monkeypatch, case, dtype, training, residual, vec, misaligned)
             ("dx", "dweight", "dgamma", "dbeta", "dresidual"), dtype)
 
 
-@pytest.mark.parametrize("tile", ["0", "1"])
+@pytest.mark.parametrize("tile", ["0", "1"], ids=["strip", "tile"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dw_unread_column_inf(monkeypatch, dtype, tile):
     """Stride 2, pad 0, even W: no output reads x's last column, yet the vector path's
