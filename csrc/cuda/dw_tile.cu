@@ -459,8 +459,8 @@ struct DcDweightShape {
 //    registers) and also writes it, in T, to the dc buffer: pixel q = row * TW + column
 //    at unit q * CG + group;
 // 2. after a barrier, the weight-gradient phase from shared memory: thread t takes
-//    channel group t % CG (its own group), kernel row i = t / CG % K and part
-//    t / (CG * K) < parts (dweight_parts); it walks the pixels q = part, part + parts,
+//    channel group t % CG (its own group), part t / CG % parts (dweight_parts) and
+//    kernel row i = t / (CG * parts) < K; it walks the pixels q = part, part + parts,
 //    ... inside the output, loads dc(q) once and x(q's tap row i, taps j = 0..K-1) from
 //    the staged tile (taps outside the image skipped, as taps_fma does: those units
 //    were never written), and adds into its K * V sums (K * V per thread instead of
@@ -487,8 +487,11 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kB
   float4* sums = reinterpret_cast<float4*>(Shape::kSmemSums ? dcs + Shape::kDcUnits : tile) +
                  threadIdx.x;
   const int parts = dweight_parts<K, S>(CG);
-  const int ki = int(threadIdx.x) / CG % K, part = int(threadIdx.x) / (CG * K);
-  const bool summer = th.active && part < parts;
+  // kernel row slowest: a warp's lanes mostly share it, so their x loads of one tap
+  // are consecutive pixels' units (with rows a pitch apart in one warp, 4 mod 8 units
+  // at CG 2, two rows' loads would share bank quads)
+  const int part = int(threadIdx.x) / CG % parts, ki = int(threadIdx.x) / (CG * parts);
+  const bool summer = th.active && ki < K;
   float dw[K][V];
   auto zero = [&] {
 #pragma unroll
@@ -561,7 +564,7 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kB
   const float4* all = sums - threadIdx.x;
   for (int p = Shape::kSmemSums ? 0 : 1; p < parts; ++p) {
     if (Shape::kSmemSums && p == 0) zero();
-    const int other = p * CG * K + int(threadIdx.x);
+    const int other = int(threadIdx.x) + p * CG;  // part p of this (kernel row, group)
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) {
       const float4 q = all[u * kThreads + other];
