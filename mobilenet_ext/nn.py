@@ -17,7 +17,7 @@ from . import ops
 from .reference import ACTIVATIONS, activation
 
 __all__ = ["DWConvBNAct", "PWConvBNAct", "DepthwiseSeparable", "InvertedResidual",
-           "bn_call_args", "fused_conv_bn_act"]
+           "fused_conv_bn_act"]
 
 
 def _bn_state(training, running_mean, running_var, num_batches_tracked, momentum, track):
@@ -32,12 +32,6 @@ def _bn_state(training, running_mean, running_var, num_batches_tracked, momentum
     use_batch = training or (running_mean is None and running_var is None)
     keep = not training or track
     return running_mean if keep else None, running_var if keep else None, use_batch, m
-
-
-def bn_call_args(bn: nn.BatchNorm2d, training: bool):
-    """_bn_state of a BatchNorm2d module."""
-    return _bn_state(training, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                     bn.momentum, bn.track_running_stats)
 
 
 def fused_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var,
