@@ -487,9 +487,10 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kB
   float4* sums = reinterpret_cast<float4*>(Shape::kSmemSums ? dcs + Shape::kDcUnits : tile) +
                  threadIdx.x;
   const int parts = dweight_parts<K, S>(CG);
-  // kernel row slowest: a warp's lanes mostly share it, so their x loads of one tap
-  // are consecutive pixels' units (with rows a pitch apart in one warp, 4 mod 8 units
-  // at CG 2, two rows' loads would share bank quads)
+  // kernel row slowest: where CG * parts >= 32 (stride 1; stride 2 at small CG) a
+  // warp's lanes mostly share it, so their x loads of one tap are consecutive pixels'
+  // units (with rows a pitch apart in one warp, 4 mod 8 units at CG 2, two rows' loads
+  // would share bank quads); with CG * parts < 32 a warp spans several rows either way
   const int part = int(threadIdx.x) / CG % parts, ki = int(threadIdx.x) / (CG * parts);
   const bool summer = th.active && ki < K;
   float dw[K][V];
