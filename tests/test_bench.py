@@ -425,6 +425,13 @@ def test_mobilenet_v3_5x5_layers_for_the_aids():
     assert find_layers("dw", "120@28x28 s1 k5") == [] and find_layers("pw", v3[1].name) == []
     assert [lay.net for lay in find_layers("dw", None)] == ["v2"] * len(MOBILENET_V2_DW)
     assert all(lay.k == 3 for lay in dw.OP.layers())  # the bench's own tables: no 5x5 rows
+    # the aids build a 5x5 layer's modules as any other: ours matches the eager template
+    template = dw.OP.template(v3[2], torch.float32, torch.channels_last, torch.device("cpu"))
+    x = torch.randn(2, 672, 14, 14).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = template.eval()(x.clone())  # ReLU6 in place: on a copy
+        torch.testing.assert_close(dw.Fused(template).eval()(x), want)
+    assert want.shape == (2, 672, 7, 7)
 
 
 def test_totals_per_network():
