@@ -4,6 +4,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Optional.h>
 
 #include <string>
@@ -12,6 +14,15 @@
 namespace mbx {
 
 int parse_act(c10::string_view act);
+
+// Held for the whole body of every op implementation (CPU and CUDA), so that the ATen
+// calls inside run as written. Under torch.autocast the autocast keys stay in the
+// thread's dispatch set while the op runs (it has no autocast kernel: ops.py casts its
+// inputs), and the GEMMs and oneDNN conv2d inside would return the autocast dtype: a
+// bf16 conv output that the fp32 epilogue rejects (CPU, channels_last, 16384+ pixels).
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 struct DwGeom {
   int64_t N, C, H, W, Ho, Wo;

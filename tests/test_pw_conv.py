@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import mobilenet_ext
 from mobilenet_ext import reference
-from conftest import (HAS_CUDA, as64, call_with, check_autocast, check_close, pick_act,
+from conftest import (AUTOCAST_DTYPE, HAS_CUDA, as64, call_with, check_autocast, check_close, pick_act,
                       poison_allocator, randomise_stats)
 
 op = torch.ops.mobilenet_ext
@@ -290,6 +290,31 @@ def test_autocast(device, layout, training, residual):
                                             training=training, act="identity")
     cast = dict(x=x, weight=w, **(dict(residual=r) if residual else {}))
     check_autocast(device, fn, cast, dict(g=g, b=b), (rm, rv))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_autocast_inner_aten_calls(device, training):
+    """channels_last fp32 with 16384 pixels: the CPU op computes the 1x1 conv with
+    oneDNN's conv2d (pw_conv.cpp), an ATen call that torch.autocast would recast to
+    bf16 under the op (a bf16 conv output the fp32 epilogue rejected: RuntimeError). It
+    must run as written, as must the backward's GEMMs when backward() is called inside
+    autocast: the same output and gradients as the op on inputs cast by hand."""
+    x, w, g, b, rm, rv, _ = make_inputs((16, 8, 24, 32, 32), torch.float32, device,
+                                        "channels_last", False)
+    low = AUTOCAST_DTYPE[device]
+
+    def fn(rm, rv, x, weight, g, b):
+        return mobilenet_ext.pw_conv_bn_act(x, weight, g, b, rm, rv, training=training,
+                                            act="relu6")
+    check_autocast(device, fn, dict(x=x, weight=w), dict(g=g, b=b), (rm, rv))
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, g, b)]
+    with torch.autocast(device, dtype=low):
+        y = fn(rm.clone(), rv.clone(), *leaves)
+        got = torch.autograd.grad(y.float().square().sum(), leaves)
+    cast = [leaves[0].to(low), leaves[1].to(low), *leaves[2:]]
+    want = torch.autograd.grad(fn(rm.clone(), rv.clone(), *cast).float().square().sum(), leaves)
+    for name, a, e in zip(("x", "weight", "bn_weight", "bn_bias"), got, want):
+        assert a.dtype == torch.float32 and torch.equal(a, e), name
 
 
 def test_double_backward_raises():

@@ -44,6 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_fwd_cpu(
     const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual,
     bool training, double eps, c10::string_view act, bool save_conv) {
+  const NoAutocast no_autocast;
   PwGeom g = pw_check(x_, weight, bn_weight, bn_bias, running_mean, running_var, residual,
                       training, act);
   const auto acc = acc_type(x_.scalar_type());
@@ -86,6 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cpu(
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean_,
     const at::Tensor& invstd_, const c10::optional<at::Tensor>& saved_conv, bool training,
     c10::string_view act) {
+  const NoAutocast no_autocast;
   PwGeom g = pw_bwd_check(grad_y, x_, weight, bn_weight, bn_bias, mean_, invstd_, act);
   const auto acc = acc_type(x_.scalar_type());
   auto x = x_.contiguous(g.format());

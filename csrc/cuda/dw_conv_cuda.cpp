@@ -33,6 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_fwd_cuda(
     const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, int64_t stride, int64_t padding,
     int64_t dilation, bool training, double eps, c10::string_view act) {
+  const NoAutocast no_autocast;
   DwGeom g = dw_check(x_, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
                       dilation, training, act);
   c10::cuda::CUDAGuard guard(x_.device());
@@ -52,6 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bwd_cuda(
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean_,
     const at::Tensor& invstd_, int64_t stride, int64_t padding, int64_t dilation, bool training,
     c10::string_view act) {
+  const NoAutocast no_autocast;
   DwGeom g = dw_bwd_check(grad_y, x_, weight, bn_weight, bn_bias, mean_, invstd_, stride,
                           padding, dilation, act);
   const auto acc = acc_type(x_.scalar_type());

@@ -105,6 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_fwd_cuda(
     const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& residual,
     bool training, double eps, c10::string_view act, bool save_conv) {
+  const NoAutocast no_autocast;
   PwGeom g = pw_check(x_, weight, bn_weight, bn_bias, running_mean, running_var, residual,
                       training, act);
   c10::cuda::CUDAGuard guard(x_.device());
@@ -139,6 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_bwd_cuda(
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean_,
     const at::Tensor& invstd_, const c10::optional<at::Tensor>& saved_conv, bool training,
     c10::string_view act) {
+  const NoAutocast no_autocast;
   PwGeom g = pw_bwd_check(grad_y, x_, weight, bn_weight, bn_bias, mean_, invstd_, act);
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(g.format());
