@@ -61,6 +61,7 @@ def test_convert_eval_matches(name, channels_last, dtype, backend):
     wide = dtype == torch.float64
     model = randomise_bn(MODELS[name](), bias_std=3.0 if wide else 0.1).to(dtype).eval()
     fused, report = convert(model, return_report=True)
+    assert isinstance(report, mobilenet_ext.ConvertReport)  # exported at the top level
     if name in EXPECTED:
         assert (len(report.fused), len(report.residual)) == EXPECTED[name], str(report)
     x = torch.randn(2, 3, 64, 48, dtype=dtype)
