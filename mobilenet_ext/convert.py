@@ -19,6 +19,7 @@ the projection.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -78,7 +79,29 @@ class ConvertReport:
         return "\n".join(lines)
 
 
-class _ConvSlot(nn.Module):
+class _WarnsOnHooks:
+    """For the stand-ins of fused layers (_ConvSlot, _FusedBN): a forward hook registered
+    on one after convert() runs, but around the fused op's stand-in, not the layer it
+    replaced (a conv position's hook sees the conv's input as its output), so it warns.
+    Hooks registered before convert() keep their layer unfused and exact."""
+
+    def _warn_hook(self):
+        warnings.warn(f"mobilenet_ext: {type(self).__name__} stands in for a "
+                      f"{type(self._orig).__name__} fused by convert(); a hook on it sees the "
+                      "fused op's input, not that layer's own tensors. Register the hook before "
+                      "convert() (the layer is then left unfused) or revert() the model first.",
+                      stacklevel=3)
+
+    def register_forward_hook(self, *args, **kwargs):
+        self._warn_hook()
+        return super().register_forward_hook(*args, **kwargs)
+
+    def register_forward_pre_hook(self, *args, **kwargs):
+        self._warn_hook()
+        return super().register_forward_pre_hook(*args, **kwargs)
+
+
+class _ConvSlot(_WarnsOnHooks, nn.Module):
     """Where a fused Conv2d was: keeps its weight, passes the input to the fused op."""
 
     def __init__(self, conv: nn.Conv2d):
@@ -94,7 +117,7 @@ class _ConvSlot(nn.Module):
         return f"{c.in_channels}, {c.out_channels}, kernel_size={c.kernel_size} (fused into the next)"
 
 
-class _FusedBN(nn.Module):
+class _FusedBN(_WarnsOnHooks, nn.Module):
     """Where the BatchNorm was: its parameters and buffers under the same names, and
     the fused conv + BN + activation (+ residual) on the conv's input."""
 
@@ -271,6 +294,18 @@ class _ResidualBlock(nn.Module):
         if _drops(drop):
             return drop(last(h, scale=gamma)) + x
         return last(h, residual=x, scale=gamma)
+
+    def __getattr__(self, name):
+        """The replaced block's own attributes (torchvision's use_res_connect,
+        out_channels, stride; timm's has_skip, ...), read-only, after the module lookup
+        (parameters, buffers, children) has failed: not on the forward's path."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            orig = self.__dict__.get("_orig")
+            if orig is None or name.startswith("__") or not hasattr(orig, name):
+                raise
+            return getattr(orig, name)
 
     def extra_repr(self) -> str:
         scale = " and layer scale" if self._scale is not None else ""

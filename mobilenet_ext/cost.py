@@ -123,7 +123,9 @@ def profile(model: nn.Module, input_size=(1, 3, 224, 224)) -> Profile:
             for conv, in_hw in mod._mbx_fused_convs(x.shape[-2:], out.shape[-2:]):
                 count_conv(conv, in_hw)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    # nn.Module's own method: convert()'s stand-ins warn that a hook sees the fused op's
+    # input, which this one knows (_mbx_fused_convs)
+    handles = [nn.Module.register_forward_hook(m, hook) for m in model.modules()]
     was_training = model.training
     try:
         model.eval()

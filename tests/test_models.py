@@ -205,6 +205,25 @@ def test_convert_detection_backbone():
         torch.testing.assert_close(got[k], want[k], atol=1e-10, rtol=1e-9, msg=k)
 
 
+def test_hooks_after_convert_warn_and_blocks_keep_their_attributes():
+    """A hook registered after convert() on a fused layer's stand-in (the conv and
+    BatchNorm positions) would see the fused op's input, not that layer's tensors: it
+    warns, naming the way out. A block whose add was fused still answers for the
+    replaced block's own attributes (read-only), and an unknown one still raises."""
+    fused = convert(torchvision.models.mobilenet_v2())
+    dw = fused.features[3].conv[1]
+    for stand_in in (dw[0], dw[1], fused.features[3].conv[2]):
+        with pytest.warns(UserWarning, match="register the hook before convert|revert"):
+            stand_in.register_forward_hook(lambda *_: None).remove()
+        with pytest.warns(UserWarning, match="stands in for a"):
+            stand_in.register_forward_pre_hook(lambda *_: None).remove()
+    block = fused.features[3]
+    assert type(block).__name__ == "_ResidualBlock"
+    assert (block.use_res_connect, block.out_channels, block.stride) == (True, 24, 1)
+    with pytest.raises(AttributeError, match="_ResidualBlock"):
+        block.no_such_attribute
+
+
 def test_convert_leaves_hooked_pruned_and_parametrized():
     """A conv or BatchNorm whose forward hooks would not run inside the fused op (user
     hooks, pruning's mask, weight_norm), or whose weight is parametrized, is left as it
