@@ -679,7 +679,12 @@ cudaError_t dw_tile_launch(VecStage stage, const ConvLaunch& p, cudaStream_t str
     a.y = p.dx;
     return launch_per_tile<T, K, S, false>(a, t, tiles, stream);
   }
-  if (!tile_args<T, K, S>(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad, &t, &tiles))
+  // dc: CG small enough for a weight-gradient part per (kernel row, group) in
+  // dw_tile_dc_dweight_kernel (only K = 7 at stride 2 loses CG 16; K = 3's split pair
+  // keeps the other stages' choice). The chunk count stays the host's (dw_tile_chunks):
+  // blocks left without a tile write zero partials.
+  const int max_cg = stage == kVecBwdDc ? Shape::kThreads / K : 16;
+  if (!tile_args<T, K, S>(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad, &t, &tiles, max_cg))
     return cudaErrorNotSupported;
   const dim3 reduce_grid(t.cg_blocks, p.chunks);
   switch (stage) {
@@ -709,16 +714,7 @@ cudaError_t dw_tile_launch(VecStage stage, const ConvLaunch& p, cudaStream_t str
           break;
         }
       }
-      {
-        // its own tile choice: CG small enough for a part per (kernel row, group); the
-        // chunk count stays the host's (blocks left without a tile write zero partials)
-        DwTile<T> td;
-        int tiles_d;
-        if (!tile_args<T, K, S>(p.x, p.wt, p.N, p.C, p.H, p.W, p.Ho, p.Wo, p.pad, &td,
-                                &tiles_d, Shape::kThreads / K))
-          return cudaErrorNotSupported;
-        return launch_dc_dweight<T, K, S>(a, td, tiles_d, dim3(td.cg_blocks, p.chunks), stream);
-      }
+      return launch_dc_dweight<T, K, S>(a, t, tiles, reduce_grid, stream);
     default:
       return cudaErrorNotSupported;
   }
