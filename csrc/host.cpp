@@ -127,6 +127,8 @@ PwGeom pw_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
                         weight.size(3) == 1,
                     "weight: expected shape (Cout, ", Cin, ", 1, 1) for a 1x1 conv of x with ", Cin,
                     " channels, got ", weight.sizes());
+  TORCH_CHECK_VALUE(x.size(2) > 0 && x.size(3) > 0, "x: spatial size must be non-zero, got ",
+                    x.sizes());  // eager's conv2d rejects it too
   PwGeom g;
   g.N = x.size(0);
   g.Cin = Cin;

@@ -70,7 +70,7 @@ def _check_bn_act(x, c_out, out_count, bn_weight, bn_bias, running_mean, running
         raise ValueError(f"act: unknown activation {act!r}; expected one of "
                          f"{', '.join(ACTIVATIONS)}")
     if training:
-        if out_count <= 1:
+        if out_count == 1:  # 0 (an empty batch) runs the reference, as eager runs it
             raise ValueError(f"x: expected more than 1 value per channel when training, got "
                              f"{out_count} (input shape {tuple(x.shape)})")
         if momentum is None:
@@ -115,6 +115,8 @@ def _check_pw(x, weight, bn_weight, bn_bias, running_mean, running_var, residual
         raise ValueError(f"weight: expected shape (Cout, {c}, 1, 1) for a 1x1 conv of x with {c} "
                          f"channels, got {tuple(weight.shape)}")
     c_out = weight.shape[0]
+    if h == 0 or w == 0:  # eager's conv2d rejects it too
+        raise ValueError(f"x: spatial size must be non-zero, got {tuple(x.shape)}")
     if residual is not None:
         if not isinstance(residual, torch.Tensor) or residual.shape != (n, c_out, h, w):
             shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else residual
@@ -198,6 +200,12 @@ def _autocast(x, *tensors):
                  and t.dtype not in (dtype, torch.float64) else t for t in (x, *tensors))
 
 
+# _EMPTY_BATCH: a training call on an empty batch (N == 0) has no statistics to normalise with. Eager `F.batch_norm` returns an empty output and
+# leaves the running buffers as they are (gradients: zeros); the fused kernels' ops
+# reject it (they need more than 1 value per channel), so the wrappers run the
+# reference composition, which is eager. An empty eval call runs the fused kernels.
+
+
 def _run_fused(name, backend, x, c_out, bn_weight, bn_bias, running_mean, running_var, training,
                momentum, eps, args):
     """Calls a registered fused op (`name` on `backend`) and updates the running buffers
@@ -231,6 +239,8 @@ def dw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
         padding = reference.default_padding(weight.shape[-1], dilation)
     x, weight = _autocast(x, weight)
     backend = _backend.pick(x) if isinstance(x, torch.Tensor) else None
+    if training and backend is not None and x.dim() == 4 and x.shape[0] == 0:
+        backend = "reference"  # see _EMPTY_BATCH
     if not _checks_left_to_cpp(backend, x, weight, training, momentum, bn_weight, bn_bias,
                                running_mean, running_var):
         _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
@@ -256,6 +266,8 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
     """
     x, weight, residual = _autocast(x, weight, residual)
     backend = _backend.pick(x) if isinstance(x, torch.Tensor) else None
+    if training and backend is not None and x.dim() == 4 and x.shape[0] == 0:
+        backend = "reference"  # see _EMPTY_BATCH
     if not _checks_left_to_cpp(backend, x, weight, training, momentum, bn_weight, bn_bias,
                                running_mean, running_var, residual):
         _check_pw(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training,

@@ -238,10 +238,22 @@ def test_autocast_leaves_float64(device):
     assert got.dtype == torch.float64 and torch.equal(got, want)
 
 
-def test_zero_batch_eval(device):
-    x, w, g, b, rm, rv, _ = make_inputs((1, 4, 5, 5, 3, 1, 1), torch.float32, device, "nchw")
-    y = mobilenet_ext.dw_conv_bn_act(x[:0], w, g, b, rm, rv)
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_zero_batch(device, training, layout):
+    """As eager: an empty output; gradients zero; in training the running buffers as
+    they were (no values to update them with)."""
+    x, w, g, b, rm, rv, _ = make_inputs((1, 4, 5, 5, 3, 1, 1), torch.float32, device, layout)
+    rm0, rv0 = rm.clone(), rv.clone()
+    x = x[:0].detach().requires_grad_()
+    for t in (w, g, b):
+        t.requires_grad_()
+    y = mobilenet_ext.dw_conv_bn_act(x, w, g, b, rm, rv, training=training)
     assert y.shape == (0, 4, 5, 5)
+    y.sum().backward()
+    for name, t in (("x", x), ("weight", w), ("bn_weight", g), ("bn_bias", b)):
+        assert t.grad is not None and t.grad.shape == t.shape and (t.grad == 0).all(), name
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
 
 
 def test_double_backward_raises():

@@ -107,6 +107,32 @@ def test_convert_training_matches(name, backend):
         torch.testing.assert_close(sb[k], sa[k], atol=1e-9, rtol=1e-7, msg=k)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_empty_batch_matches_eager(training, channels_last, backend):
+    """A batch of 0 images, as eager runs it: an empty output in x's layout; in
+    training, zero gradients, running buffers unchanged and num_batches_tracked counted
+    (the fused ops cannot normalise without values, so the wrappers run the reference)."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = randomise_bn(MODELS["tv_mobilenet_v2"]()).double().train(training)
+    model = model.to(memory_format=fmt)
+    fused = convert(copy.deepcopy(model))
+    x = torch.randn(0, 3, 32, 32, dtype=torch.float64).contiguous(memory_format=fmt)
+    ya, yb = model(x), fused(x)
+    assert yb.shape == ya.shape == (0, 1000)
+    fa, fb = model.features(x), fused.features(x)
+    assert fb.shape == fa.shape and fb.is_contiguous(memory_format=fmt)
+    ya.sum().backward()
+    yb.sum().backward()
+    for (n, pa), pb in zip(model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, atol=0, rtol=0, msg=n)
+    sa, sb = model.state_dict(), fused.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=0, rtol=0, msg=k)
+    assert sb["features.1.conv.2.num_batches_tracked"].item() == (2 if training else 0)
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_convert_under_autocast(device, training):
     """Mixed precision as users train: a converted torchvision mobilenet_v2 (fp32

@@ -232,10 +232,12 @@ def test_update_running_op(device, buffers):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("n,cout,training", [(0, 16, False), (2, 0, False), (2, 0, True)])
+@pytest.mark.parametrize("n,cout,training", [(0, 16, False), (0, 16, True), (2, 0, False),
+                                              (2, 0, True)])
 def test_empty_batch_or_channels(device, n, cout, training, channels_last):
-    """An empty batch (eval: training needs values) or no output channels: empty outputs
-    of the right shape and layout, forward and backward, as eager's conv + BN give."""
+    """An empty batch or no output channels: empty outputs of the right shape and
+    layout, forward and backward, as eager's conv + BN give (an empty training batch
+    leaves the running buffers as they are)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(n, 8, 5, 5, device=device).contiguous(memory_format=fmt).requires_grad_()
     w = torch.randn(cout, 8, 1, 1, device=device, requires_grad=True)
@@ -251,6 +253,22 @@ def test_empty_batch_or_channels(device, n, cout, training, channels_last):
     for name, t in (("x", x), ("weight", w), ("bn_weight", g), ("bn_bias", b)):
         assert t.grad is not None and t.grad.shape == t.shape, name
         assert (t.grad == 0).all(), name
+    assert (rm == 0).all() and (rv == 1).all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_zero_spatial_size_raises(device, training, channels_last):
+    """H or W == 0 has no 1x1 conv in eager either (conv2d raises): a ValueError that
+    names x, from every backend."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    w = torch.randn(4, 8, 1, 1, device=device)
+    g, b = torch.ones(4, device=device), torch.zeros(4, device=device)
+    for shape in ((2, 8, 0, 5), (2, 8, 5, 0)):
+        x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
+        with pytest.raises(ValueError, match="x: spatial size must be non-zero"):
+            mobilenet_ext.pw_conv_bn_act(x, w, g, b, torch.zeros(4, device=device),
+                                         torch.ones(4, device=device), training=training)
 
 
 @pytest.mark.parametrize("training", [False, True])
