@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .nn import InvertedResidual as _OurInvertedResidual
-from .nn import _ConvBNAct, fused_conv_bn_act
+from .nn import _conv_kind, _ConvBNAct, _not_plain, fused_conv_bn_act
 
 torch.fx.wrap("fused_conv_bn_act")  # see nn.fused_conv_bn_act
 
@@ -48,6 +47,7 @@ _ORDERED_PARENTS = {
     "timm.layers.conv_bn_act.ConvNormAct",  # MobileNetV4's blocks: conv, bn, then aa
 }
 _FROZEN_BN = "torchvision.ops.misc.FrozenBatchNorm2d"
+_BN_ACT = "timm.layers.norm_act.BatchNormAct2d"
 
 
 def _qualname(m) -> str:
@@ -157,7 +157,10 @@ class _FusedBN(_WarnsOnHooks, nn.Module):
         if scale is not None:
             weight = scale if weight is None else weight * scale
             bias = None if bias is None else bias * scale
-        return fused_conv_bn_act(x, self._slot._parameters["weight"], weight, bias,
+        conv_weight = self._slot._parameters.get("weight")
+        if conv_weight is None:  # parametrized after convert(): computed by its property
+            conv_weight = self._slot.weight
+        return fused_conv_bn_act(x, conv_weight, weight, bias,
                                  b["running_mean"], b["running_var"], b["num_batches_tracked"],
                                  self.momentum, self.track_running_stats, training, self.eps,
                                  self.act, **conv)
@@ -165,10 +168,19 @@ class _FusedBN(_WarnsOnHooks, nn.Module):
     def _mbx_fused_convs(self, in_hw, out_hw):
         return [(self._slot._orig, in_hw)]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    _version = 2  # BatchNorm's: its state_dicts hold num_batches_tracked from version 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        key = prefix + "num_batches_tracked"
         if self.frozen:  # as FrozenBatchNorm2d loads a BatchNorm2d checkpoint
-            state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            state_dict.pop(key, None)
+        elif local_metadata.get("version", None) is None or local_metadata["version"] < 2:
+            # as BatchNorm loads a checkpoint from before num_batches_tracked (or a plain
+            # dict without metadata): the count is kept
+            n = self._buffers.get("num_batches_tracked")
+            if n is not None and key not in state_dict:
+                state_dict[key] = n if n.device.type != "meta" else torch.tensor(0)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def extra_repr(self) -> str:
         if self.frozen:
@@ -240,7 +252,7 @@ def _residual_chain(block, spec):
     layer scale after it (_LAYER_SCALE) or None; or (None, None, why not). Only
     nn.Identity and one layer scale may follow that BN."""
     names = [n for n in spec.body if getattr(block, n, None) is not None]
-    kids = dict(block.named_children())
+    kids = dict(_children(block))
     if set(kids) != set(names) | ({spec.drop} if spec.drop else set()):
         return None, None, "children differ from the forward mobilenet_ext knows"
     drop = kids.get(spec.drop) if spec.drop else None
@@ -254,7 +266,7 @@ def _residual_chain(block, spec):
         if _runs_children(last):
             if _not_plain(last, ""):
                 return None, None, "a module of its body has hooks"
-            chain[-1:] = list(last.children())
+            chain[-1:] = [m for _, m in _children(last)]
         elif type(last) is nn.Identity and _not_plain(last, "") is None:
             chain.pop()
         elif scale is None and _qualname(last) == _LAYER_SCALE and _not_plain(last, "") is None:
@@ -312,34 +324,6 @@ class _ResidualBlock(nn.Module):
         return f"{type(self._orig).__name__}, residual add{scale} fused"
 
 
-def _kind(conv: nn.Conv2d):
-    """'depthwise' / 'pointwise', or the reason the conv cannot be fused."""
-    if conv.bias is not None:
-        return None, "conv has a bias"
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return None, f"padding {conv.padding!r} / mode {conv.padding_mode!r} not supported"
-    k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    if k == (1, 1) and s == (1, 1) and p == (0, 0) and conv.groups == 1:
-        return "pointwise", None
-    if conv.groups == conv.in_channels == conv.out_channels and k[0] == k[1] and \
-            k[0] in (3, 5, 7) and s[0] == s[1] and s[0] in (1, 2) and p[0] == p[1] and \
-            d[0] == d[1] and 0 <= p[0] <= d[0] * (k[0] - 1):
-        return "depthwise", None
-    return None, (f"not a supported depthwise (k 3/5/7, stride 1/2) or pointwise conv "
-                  f"(k={k}, stride={s}, groups={conv.groups})")
-
-
-def _not_plain(m, what):
-    """Why module m cannot run inside a fused op, or None: hooks would not run (pruning
-    and the legacy weight_norm/spectral_norm are forward pre-hooks), and a parametrized
-    weight would be read once, at convert time."""
-    if parametrize.is_parametrized(m):
-        return f"{what} is parametrized (torch.nn.utils.parametrize)"
-    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-        return f"{what} has hooks (pruning, weight_norm, user hooks), which would not run"
-    return None
-
-
 def _act_name(m):
     for cls, name in _ACTS.items():
         if type(m) is cls:
@@ -355,18 +339,32 @@ def _bn_act(bn):
         return None, "BatchNorm has dropout inside"
     if act is None:
         return "identity", None
+    why = _not_plain(act, "its activation") or (_not_plain(drop, "its dropout") if drop is not
+                                                 None else None)
+    if why:
+        return None, f"BatchNorm: {why}"
     name = _act_name(act)
     return (name, None) if name else (None, f"activation {type(act).__name__} not supported")
 
 
 def _is_bn(m) -> bool:
-    """A norm layer the fused op computes: BatchNorm2d (timm's BatchNormAct2d is one)
-    or torchvision's FrozenBatchNorm2d."""
-    return isinstance(m, nn.BatchNorm2d) or _is_frozen(m)
+    """A norm layer the fused op computes: a BatchNorm2d with BatchNorm2d's own forward,
+    timm's BatchNormAct2d (the activation after it, _bn_act), or torchvision's
+    FrozenBatchNorm2d. Not a subclass with a forward of its own (timm's
+    SplitBatchNorm2d, ...): what that computes is not known."""
+    return (isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward) or \
+        _qualname(m) == _BN_ACT or _is_frozen(m)
+
+
+def _children(parent):
+    """(name, module) of every child in registration order, a module registered twice
+    listed twice (named_children lists it once, which would make its neighbours look
+    adjacent)."""
+    return [(n, m) for n, m in parent._modules.items() if m is not None]
 
 
 def _fuse_children(parent, prefix, report):
-    children = list(parent.named_children())
+    children = _children(parent)
     i = 0
     while i < len(children):
         name, conv = children[i]
@@ -377,12 +375,15 @@ def _fuse_children(parent, prefix, report):
         elif isinstance(conv, nn.Conv2d) and type(conv) is not nn.Conv2d and _is_bn(nxt):
             report.left.append((prefix + name, _not_plain(conv, "conv") or
                                 f"conv is a {type(conv).__name__}, not an nn.Conv2d"))
+        elif type(conv) is nn.Conv2d and isinstance(nxt, nn.BatchNorm2d) and not _is_bn(nxt):
+            report.left.append((prefix + name, f"followed by {type(nxt).__name__}, a "
+                                "BatchNorm2d with a forward of its own"))
         if type(conv) is not nn.Conv2d or not _is_bn(nxt):
             i += 1
             continue
         bn_name, bn = children[i + 1]
         full = prefix + name
-        kind, why = _kind(conv)
+        kind, why = _conv_kind(conv)
         why = why or _not_plain(conv, "conv") or _not_plain(bn, "BatchNorm")
         kind = kind if why is None else None
         act, why_act = _bn_act(bn) if kind else (None, None)
@@ -420,7 +421,9 @@ def _walk(module, prefix, report):
                 report.residual.append(prefix + name)
             else:
                 report.left.append((prefix + name, f"residual add not fused: {why}"))
-    if isinstance(module, nn.Sequential) or _qualname(module) in _ORDERED_PARENTS:
+    # nn.Sequential's own forward: a subclass with another forward may not run its
+    # children back to back
+    if type(module).forward is nn.Sequential.forward or _qualname(module) in _ORDERED_PARENTS:
         _fuse_children(module, prefix, report)
     else:
         kids = list(module.named_children())

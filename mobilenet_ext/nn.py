@@ -56,29 +56,67 @@ def fused_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var,
 torch.fx.wrap("fused_conv_bn_act")
 
 
-def _bn_call(bn, training, x, weight, act, **conv):
-    """fused_conv_bn_act for BatchNorm2d module `bn` (FX records it as one call). Its
-    parameters and buffers come straight from the module's dicts: the tensors bn.weight
-    etc. return (bn is an nn.BatchNorm2d, _fusable_bn, which registers all five, None
-    included), without nn.Module.__getattr__ (~0.6 us each); FX records them as the
-    same get_attr nodes."""
+def _bn_call(bn, x, weight, act, **conv):
+    """fused_conv_bn_act for BatchNorm2d module `bn`, in bn's own mode (a BN put in eval
+    alone, as fine-tuning does, normalises with its running statistics as in eager);
+    FX records it as one call. Its parameters and buffers come straight from the
+    module's dicts: the tensors bn.weight etc. return (bn is an nn.BatchNorm2d,
+    _runs_fused, which registers all five, None included), without
+    nn.Module.__getattr__ (~0.6 us each); FX records them as the same get_attr nodes."""
     p, b = bn._parameters, bn._buffers
     return fused_conv_bn_act(x, weight, p["weight"], p["bias"], b["running_mean"],
                              b["running_var"], b["num_batches_tracked"], bn.momentum,
-                             bn.track_running_stats, training, bn.eps, act, **conv)
+                             bn.track_running_stats, bn.training, bn.eps, act, **conv)
 
 
-def _fusable_bn(bn) -> bool:
-    """Whether the fused op computes this norm layer: nn.BatchNorm2d itself. Anything
-    put in its place (`nn.SyncBatchNorm.convert_sync_batchnorm` swaps in a
-    SyncBatchNorm, whose statistics are reduced across processes) runs as its own
-    module after the conv: slower, never silently different."""
-    return type(bn) is nn.BatchNorm2d
+def _conv_kind(conv: nn.Conv2d):
+    """('depthwise' | 'pointwise', None) for a conv the fused ops compute, else
+    (None, why not): no bias, zero padding given as numbers, depthwise k x k with k in
+    3/5/7, one stride of 1 or 2, one padding and one dilation (at most 8) for both
+    dimensions, or a plain 1x1."""
+    if conv._parameters.get("bias") is not None or "bias" in conv._modules.get(
+            "parametrizations", ()):  # _parameters: ~0.6 us less than nn.Module.__getattr__
+        return None, "conv has a bias"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None, f"padding {conv.padding!r} / mode {conv.padding_mode!r} not supported"
+    k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    if k == (1, 1) and s == (1, 1) and p == (0, 0) and conv.groups == 1:
+        return "pointwise", None
+    if conv.groups == conv.in_channels == conv.out_channels and k[0] == k[1] and \
+            k[0] in (3, 5, 7) and s[0] == s[1] and s[0] in (1, 2) and p[0] == p[1] and \
+            d[0] == d[1] and 1 <= d[0] <= 8 and 0 <= p[0] <= d[0] * (k[0] - 1):
+        return "depthwise", None
+    return None, (f"not a supported depthwise (k 3/5/7, stride 1/2, dilation <= 8) or "
+                  f"pointwise conv (k={k}, stride={s}, dilation={d}, groups={conv.groups})")
+
+
+def _not_plain(m, what):
+    """Why module m cannot run inside a fused op, or None: hooks would not run (pruning
+    and the legacy weight_norm/spectral_norm are forward pre-hooks), and a parametrized
+    weight would not be computed."""
+    if "parametrizations" in m._modules:  # parametrize.is_parametrized, ~2 us faster
+        return f"{what} is parametrized (torch.nn.utils.parametrize)"
+    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        return f"{what} has hooks (pruning, weight_norm, user hooks), which would not run"
+    return None
+
+
+def _runs_fused(conv, bn, kind) -> bool:
+    """Whether the fused op computes a module's conv + bn, checked at every call (the
+    children are ordinary modules a user may change): an nn.Conv2d of that kind
+    (_conv_kind) and an nn.BatchNorm2d, neither with hooks or parametrizations. Anything
+    else runs as separate modules (_unfused), e.g. after
+    `nn.SyncBatchNorm.convert_sync_batchnorm` swapped in a SyncBatchNorm (whose
+    statistics are reduced across processes), pruning, or a conv with a bias: slower,
+    never silently different."""
+    return type(bn) is nn.BatchNorm2d and type(conv) is nn.Conv2d and \
+        _not_plain(conv, "") is None and _not_plain(bn, "") is None and \
+        _conv_kind(conv)[0] == kind
 
 
 def _unfused(conv, bn, act, x, residual=None):
-    """act(bn(conv(x))) (+ residual) as separate modules, for a norm layer the fused op
-    does not compute (_fusable_bn)."""
+    """act(bn(conv(x))) (+ residual) as separate modules, for what the fused op does not
+    compute (_runs_fused)."""
     y = activation(bn(conv(x)), act)
     return y if residual is None else y + residual
 
@@ -146,11 +184,11 @@ class DWConvBNAct(_ConvBNAct):
 
     def forward(self, x):
         self._check_input(x)
-        if not _fusable_bn(self.bn):
-            return _unfused(self.conv, self.bn, self.act, x)
-        c = self.conv
-        return _bn_call(self.bn, self.training, x, c.weight, self.act, stride=c.stride[0],
-                        padding=c.padding[0], dilation=c.dilation[0])
+        c, bn = self.conv, self.bn
+        if not _runs_fused(c, bn, "depthwise"):
+            return _unfused(c, bn, self.act, x)
+        return _bn_call(bn, x, c.weight, self.act, stride=c.stride[0], padding=c.padding[0],
+                        dilation=c.dilation[0])
 
 
 class PWConvBNAct(_ConvBNAct):
@@ -172,10 +210,10 @@ class PWConvBNAct(_ConvBNAct):
 
     def forward(self, x, residual=None):
         self._check_input(x)
-        if not _fusable_bn(self.bn):
-            return _unfused(self.conv, self.bn, self.act, x, residual)
-        return _bn_call(self.bn, self.training, x, self.conv.weight, self.act,
-                        residual=residual)
+        c, bn = self.conv, self.bn
+        if not _runs_fused(c, bn, "pointwise"):
+            return _unfused(c, bn, self.act, x, residual)
+        return _bn_call(bn, x, c.weight, self.act, residual=residual)
 
 
 class DepthwiseSeparable(nn.Sequential):
@@ -216,9 +254,9 @@ class InvertedResidual(nn.Module):
         for m in body:
             h = m(h)
         res = x if self.use_res_connect else None
-        if not _fusable_bn(bn):
+        if not _runs_fused(proj, bn, "pointwise"):
             return _unfused(proj, bn, "identity", h, res)
-        return _bn_call(bn, self.training, h, proj.weight, "identity", residual=res)
+        return _bn_call(bn, h, proj.weight, "identity", residual=res)
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, residual={self.use_res_connect}"

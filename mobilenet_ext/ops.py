@@ -11,6 +11,7 @@ import operator
 import os
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _backend, reference
 from .reference import ACTIVATIONS
@@ -200,6 +201,20 @@ def _autocast(x, *tensors):
                  and t.dtype not in (dtype, torch.float64) else t for t in (x, *tensors))
 
 
+_peek_interpreter = torch._C._functorch.peek_interpreter_stack
+
+
+def _transformed() -> bool:
+    """Under a torch.func transform (jvp, vmap, grad, ...) or forward-mode AD
+    (`torch.autograd.forward_ad.dual_level`): the fused ops have no forward-AD formula
+    and no batching rule (a dual tensor whose primal needs no gradient would reach the
+    kernel and lose its tangent), so the wrappers run the reference composition, which
+    has both, as eager does. ~0.3 us a call."""
+    if torch.compiler.is_compiling():
+        return False
+    return _peek_interpreter() is not None or _forward_ad._current_level >= 0
+
+
 # _EMPTY_BATCH: a training call on an empty batch (N == 0) has no statistics to normalise with. Eager `F.batch_norm` returns an empty output and
 # leaves the running buffers as they are (gradients: zeros); the fused kernels' ops
 # reject it (they need more than 1 value per channel), so the wrappers run the
@@ -239,8 +254,9 @@ def dw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
         padding = reference.default_padding(weight.shape[-1], dilation)
     x, weight = _autocast(x, weight)
     backend = _backend.pick(x) if isinstance(x, torch.Tensor) else None
-    if training and backend is not None and x.dim() == 4 and x.shape[0] == 0:
-        backend = "reference"  # see _EMPTY_BATCH
+    if backend is not None and (_transformed() or training and x.dim() == 4 and
+                                x.shape[0] == 0):
+        backend = "reference"  # see _transformed, _EMPTY_BATCH
     if not _checks_left_to_cpp(backend, x, weight, training, momentum, bn_weight, bn_bias,
                                running_mean, running_var):
         _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
@@ -266,8 +282,9 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
     """
     x, weight, residual = _autocast(x, weight, residual)
     backend = _backend.pick(x) if isinstance(x, torch.Tensor) else None
-    if training and backend is not None and x.dim() == 4 and x.shape[0] == 0:
-        backend = "reference"  # see _EMPTY_BATCH
+    if backend is not None and (_transformed() or training and x.dim() == 4 and
+                                x.shape[0] == 0):
+        backend = "reference"  # see _transformed, _EMPTY_BATCH
     if not _checks_left_to_cpp(backend, x, weight, training, momentum, bn_weight, bn_bias,
                                running_mean, running_var, residual):
         _check_pw(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training,

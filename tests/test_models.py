@@ -4,6 +4,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.utils.prune
 import torchvision
 from torch import nn
 
@@ -777,6 +778,183 @@ def test_fused_modules():
         dw(torch.randn(2, 7, 9, 9))
     with pytest.raises(ValueError, match="act: unknown activation"):
         PWConvBNAct(8, 16, act="gelu")
+
+
+def _eager_twin(fused_module, act):
+    """The eager conv -> bn -> act of a fused module (deep copies of its children)."""
+    acts = {"relu6": nn.ReLU6(), "hardswish": nn.Hardswish(), "identity": nn.Identity()}
+    return nn.Sequential(copy.deepcopy(fused_module.conv), copy.deepcopy(fused_module.bn),
+                         acts[act])
+
+
+def _same_steps(a, b, x, modes=(True, False)):
+    """Module b computes what module a computes (float64): outputs, gradients and
+    buffers, over a training step and an eval step (modes; None: as they are)."""
+    for training in modes:
+        if training is not None:
+            a.train(training)
+            b.train(training)
+        ya, yb = a(x), b(x)
+        torch.testing.assert_close(yb, ya, atol=1e-12 * ya.abs().max().item(), rtol=1e-10)
+        ya.square().mean().backward()
+        yb.square().mean().backward()
+        for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-9, rtol=1e-7,
+                                       msg=lambda m, n=n: f"{n}: {m}")
+    for (n, ba), bb in zip(a.named_buffers(), b.buffers()):
+        torch.testing.assert_close(bb, ba, atol=1e-12, rtol=1e-10, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("case", ["bias", "reflect", "stride12", "pad10", "dil21", "pw_stride",
+                                  "pw_pad", "pw_bias", "pruned", "hooked"])
+def test_fused_modules_run_unfused_what_they_cannot_fuse(case):
+    """A fused module around a conv the op cannot compute (a bias, another padding mode,
+    different strides/paddings/dilations per dimension, a strided or padded 1x1) or
+    whose conv has hooks (pruning, user hooks) runs conv, BN and activation as
+    modules: what eager computes, not a silently different fused result."""
+    torch.manual_seed(0)
+    dw = dict(bias=dict(bias=True), reflect=dict(padding_mode="reflect"),
+              stride12=dict(stride=(1, 2)), pad10=dict(padding=(1, 0)),
+              dil21=dict(dilation=(2, 1), padding=(2, 1)))
+    pw = dict(pw_stride=dict(stride=2), pw_pad=dict(padding=1), pw_bias=dict(bias=True))
+    if case in pw:
+        conv = nn.Conv2d(8, 6, 1, **{"bias": False, **pw[case]})
+        module = PWConvBNAct.from_modules(conv, nn.BatchNorm2d(6), act="hardswish")
+        act = "hardswish"
+    else:
+        kw = {"padding": 1, "bias": False, **dw.get(case, {})}
+        module = DWConvBNAct.from_modules(nn.Conv2d(8, 8, 3, groups=8, **kw),
+                                          nn.BatchNorm2d(8))
+        act = "relu6"
+    module = randomise_bn(module).double()
+    eager = _eager_twin(module, act)
+    calls = []
+    if case == "pruned":
+        for m in (module, eager):
+            torch.nn.utils.prune.l1_unstructured(m[0], "weight", amount=0.5)
+    if case == "hooked":
+        for m in (module, eager):
+            m[0].register_forward_hook(lambda *a: calls.append(1))
+    _same_steps(eager, module, torch.randn(2, 8, 9, 10, dtype=torch.float64))
+    assert len(calls) == (4 if case == "hooked" else 0)  # 2 steps x (eager, fused)
+
+
+def test_fused_modules_follow_their_bn_mode():
+    """Freezing BatchNorm for fine-tuning (bn.eval() in a model in training): the fused
+    modules normalise with the running statistics and leave them as they are, as
+    eager's BatchNorm does."""
+    torch.manual_seed(0)
+    model = randomise_bn(models.mobilenet_v2(width_mult=0.35, num_classes=10,
+                                                  dropout=0.0)).double()
+    eager = torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10, dropout=0.0)
+    eager.load_state_dict(model.state_dict())
+    eager.double()
+    for m in (model, eager):
+        m.train()
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.eval()
+    _same_steps(eager, model, torch.randn(2, 3, 32, 32, dtype=torch.float64), modes=(None,))
+
+
+def test_convert_pairs_only_adjacent_layers():
+    """A module registered twice (one activation instance reused) must not make a conv
+    and a BatchNorm that are not run back to back look adjacent; nor may a Sequential
+    subclass with its own forward, a BatchNorm2d subclass with its own forward, or a
+    depthwise conv of a dilation the op does not take, be fused. timm's
+    SplitBatchNorm2d is such a subclass."""
+    torch.manual_seed(0)
+    act = nn.ReLU6()
+    shared = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), act, nn.BatchNorm2d(8),
+                           nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), act,
+                           nn.BatchNorm2d(8))
+
+    class SkipSequential(nn.Sequential):
+        def forward(self, x):
+            return self[1](self[0](x)) + self[0](x)
+
+    class AffineBN(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2 + 1
+
+    skip = SkipSequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+    sub_bn = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), AffineBN(8), nn.ReLU())
+    dilated = nn.Sequential(nn.Conv2d(8, 8, 3, padding=12, dilation=12, groups=8, bias=False),
+                            nn.BatchNorm2d(8))
+    x = torch.randn(2, 8, 11, 13, dtype=torch.float64)
+    for model in (shared, skip, sub_bn, dilated):
+        model = randomise_bn(model).double()
+        fused, report = convert(model, return_report=True)
+        assert not report.fused, str(report)
+        _same_steps(model, fused, x)
+    timm_split = timm.layers.convert_splitbn_model(
+        nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)), 2)
+    assert not convert(timm_split, return_report=True)[1].fused
+
+
+def test_convert_leaves_batchnormact_with_hooked_activation():
+    bn = timm.layers.BatchNormAct2d(8, act_layer=nn.ReLU)
+    calls = []
+    bn.act.register_forward_hook(lambda *a: calls.append(1))
+    model = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), bn).double()
+    fused, report = convert(model, return_report=True)
+    assert not report.fused and "activation has hooks" in str(report)
+    _same_steps(model, fused, torch.randn(2, 8, 5, 5, dtype=torch.float64))
+    assert len(calls) == 4
+
+
+def test_converted_model_loads_checkpoint_without_batch_count():
+    """A checkpoint from before BatchNorm's num_batches_tracked (or a plain dict without
+    those keys) loads into a converted model as into eager BatchNorm."""
+    model = randomise_bn(torchvision.models.mobilenet_v2(num_classes=10))
+    fused = convert(model)
+    old = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
+    for m in (model, fused):
+        m.load_state_dict(old)  # a plain dict: no version metadata
+    sa, sb = model.state_dict(), fused.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_parametrized_after_convert():
+    """A parametrization registered on a fused layer's conv slot after convert(): the
+    fused op reads the parametrized weight."""
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    model = randomise_bn(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+                                       nn.BatchNorm2d(8), nn.ReLU6())).double()
+    fused = convert(model)
+    for m in (model, fused):
+        torch.nn.utils.parametrize.register_parametrization(m[0], "weight", Double())
+    _same_steps(model, fused, torch.randn(2, 8, 9, 9, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_forward_mode_ad(frozen):
+    """jvp (torch.func and torch.autograd.forward_ad) through fused layers: the tangent
+    eager gives, also when no parameter requires a gradient (the tangent used to be
+    dropped)."""
+    torch.manual_seed(0)
+    model = randomise_bn(nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6))).double().eval()
+    fused = convert(model)
+    for m in (model, fused):
+        m.requires_grad_(not frozen)
+    x, t = torch.randn(2, 8, 7, 7, dtype=torch.float64), torch.randn(2, 8, 7, 7,
+                                                                     dtype=torch.float64)
+    want = torch.func.jvp(model, (x,), (t,))
+    got = torch.func.jvp(fused, (x,), (t,))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(fused(fwAD.make_dual(x, t))).tangent
+    torch.testing.assert_close(tangent, want[1], atol=1e-12, rtol=1e-10)
 
 
 # ------------------------------------------------------------------ cost
