@@ -1,0 +1,146 @@
+"""Builds the depthwise op's CUDA sources as host C++ (see emu.h) into a Python module
+whose dw_fwd / dw_bwd are the CUDA implementations (csrc/cuda/dw_conv_cuda.cpp) running
+on CPU tensors. For tests: the CUDA kernels' index math, bounds, barriers and
+reductions checked where no GPU is."""
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+CSRC = ROOT / "csrc"
+# the depthwise op's CUDA implementation and what it calls
+UNITS = ["host.cpp", "cuda/dw_conv_cuda.cpp", "cuda/dw_conv.cu", "cuda/dw_vec.cu",
+         "cuda/dw_tile.cu", "cuda/bn_fold.cu", "cuda/pw_conv.cu"]
+
+_NAME = r"[A-Za-z_][\w:]*(?:\s*<(?:[^<>;]|<(?:[^<>;]|<[^<>;]*>)*>)*>)?"
+_LAUNCH = re.compile(rf"({_NAME})\s*<<<(.*?)>>>", re.S)
+_DYN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\[\];")
+_STATIC_SMEM = re.compile(r"__shared__\s+(\w+)\s+([^;]+);")
+_DECLARATOR = re.compile(r"(\w+)((?:\[[^\]]+\])+)")
+_REGISTER = re.compile(r"TORCH_LIBRARY_IMPL\(mobilenet_ext, CUDA, m\) \{.*?\n\}", re.S)
+_BINDINGS = """
+#include <torch/extension.h>
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dw_fwd", &mbx::dw_fwd_cuda);
+  m.def("dw_bwd", &mbx::dw_bwd_cuda);
+}
+"""
+
+
+def _rewrite_launches(text: str) -> tuple[str, int]:
+    """`name<<<cfg>>>(args)` -> `::emu::launch("name", cfg).run([=] { name(args); })`:
+    a lambda, so that the kernel's template arguments are deduced from args as nvcc
+    deduces them."""
+    out, pos, n = [], 0, 0
+    for m in _LAUNCH.finditer(text):
+        if m.start() < pos:
+            continue
+        i = m.end()
+        while text[i].isspace():
+            i += 1
+        assert text[i] == "(", "a launch without arguments"
+        depth, j = 0, i
+        while True:
+            depth += {"(": 1, ")": -1}.get(text[j], 0)
+            if depth == 0:
+                break
+            j += 1
+        name, cfg, args = m.group(1), m.group(2), text[i:j + 1]
+        key = " ".join(name.split()).replace('"', "")
+        out.append(text[pos:m.start()])
+        out.append(f'::emu::launch("{key}", {cfg}).run([=] {{ {name}{args}; }})')
+        pos, n = j + 1, n + 1
+    out.append(text[pos:])
+    return "".join(out), n
+
+
+_ids = iter(range(1, 1 << 30))
+
+
+def _static_smem(m) -> str:
+    """`__shared__ T a[n], b[m];` -> references to the block's poisoned arrays
+    (emu::shared), one id per declaration."""
+    out = []
+    for name, dims in _DECLARATOR.findall(m.group(2)):
+        bounds = "".join(f"[({d[1:-1]})]" for d in re.findall(r"\[[^\]]+\]", dims))
+        out.append(f"auto& {name} = ::emu::shared<{m.group(1)}{bounds}>({next(_ids)});")
+    assert out, m.group(0)
+    return " ".join(out)
+
+
+def transform(path: pathlib.Path, text: str) -> str:
+    if path.suffix in (".cu", ".cuh") or path.name == "launch.h":
+        text, n = _rewrite_launches(text)
+        assert "<<<" not in text, f"{path}: a launch the rewrite missed"
+        text = _DYN_SMEM.sub(r"\1* \2 = ::emu::dyn_smem<\1>();", text)
+        assert "extern __shared__" not in text, f"{path}: dynamic shared memory not rewritten"
+        text = _STATIC_SMEM.sub(_static_smem, text)
+        assert "__shared__" not in text, f"{path}: shared memory not rewritten"
+        text = f'#include "emu.h"\n' + text if n or path.suffix == ".cu" else text
+    if path.name == "dw_conv_cuda.cpp":
+        text, n = _REGISTER.subn("", text)
+        assert n == 1, "dw_conv_cuda.cpp: the CUDA registration block not found"
+        text += _BINDINGS
+    return text
+
+
+def _write(dst: pathlib.Path, text: str):
+    if not dst.exists() or dst.read_text() != text:  # unchanged files keep their mtime
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(text)
+
+
+def load(verbose=False):
+    from torch.utils import cpp_extension
+    out = ROOT / "build" / "cuda_emu"
+    src = out / "src"
+    for p in CSRC.rglob("*"):
+        if p.suffix in (".h", ".cuh") or p.relative_to(CSRC).as_posix() in UNITS:
+            _write(src / p.relative_to(CSRC), transform(p, p.read_text()))
+    _write(src / "cuda" / "emu.h", (HERE / "emu.h").read_text())
+    sources = []
+    for u in UNITS:  # the .cu units compiled as C++
+        p = src / u
+        if p.suffix == ".cu":
+            cpp = p.with_name(p.stem + "_cu.cpp")
+            _write(cpp, p.read_text())
+            p = cpp
+        sources.append(str(p))
+    flags = ["-O2", "-fno-strict-aliasing", "-ffp-contract=off", "-DMBX_WITH_CUDA",
+             "-Wno-unused-function", "-Wno-attributes"]
+    cuda_include = _cuda_include()
+    return cpp_extension.load(
+        name="mbx_cuda_emu", sources=sources, build_directory=str(_mkdir(out / "obj")),
+        extra_include_paths=[str(HERE / "shadow"), str(src), cuda_include],
+        extra_cflags=flags, with_cuda=False, verbose=verbose)
+
+
+def _mkdir(p):
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _cuda_include():
+    """The CUDA toolkit's headers (cuda_runtime.h, cuda_fp16.h): from CUDA_HOME, or
+    where `nvcc` on PATH says its toolkit is (its --dryrun prints TOP=<root>/bin/..,
+    also when `nvcc` is a wrapper script)."""
+    roots = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    if shutil.which("nvcc"):
+        with tempfile.TemporaryDirectory() as d:
+            cu = os.path.join(d, "probe.cu")
+            open(cu, "w").close()
+            out = subprocess.run(["nvcc", "--dryrun", "-c", cu, "-o", cu + ".o"],
+                                 capture_output=True, text=True, timeout=120)
+        roots += re.findall(r"^#\$ TOP=(\S+)", out.stdout + out.stderr, re.M)
+    for root in roots:
+        if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+            return os.path.realpath(os.path.join(root, "include"))
+    raise RuntimeError("no CUDA toolkit headers (cuda_runtime.h): set CUDA_HOME")
+
+
+if __name__ == "__main__":
+    print(load(verbose=True))

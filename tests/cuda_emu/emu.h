@@ -1,0 +1,311 @@
+// CUDA on the CPU, for tests: the project's CUDA sources compiled by the host C++
+// compiler, every CUDA thread of a block a fiber (ucontext) of one OS thread.
+// Force-included by build.py, which also rewrites the `kernel<<<grid, block, smem,
+// stream>>>(args)` launches into emu::launch(...).run([=] { kernel(args); }), and
+// `extern __shared__` arrays into the block's dynamic shared memory.
+//
+// What it models: the blocks of a grid one after another; a block's threads each run
+// until they wait at __syncthreads (all threads that have not returned must arrive,
+// as on the GPU; a thread that returns leaves the barrier) or at a warp shuffle (the
+// warp's live lanes), or return; a barrier that can never complete (threads of one
+// block waiting at different barriers) is reported as a launch error. Between
+// barriers threads run one after another, in the order MBX_EMU_ORDER gives
+// ("forward", the default, or "reverse"): a read of another thread's shared-memory
+// write without a barrier between them sees the write in one order and not in the
+// other (poison: dynamic shared memory is 0xFF, NaN in every float type, at every
+// block's start). Also modelled: the 48 KB dynamic shared memory limit unless
+// cudaFuncSetAttribute raised it for that kernel, grid and block limits, the SM
+// count (MBX_EMU_SMS, default 4: small grids, so the kernels' loops over several
+// tiles per block run). Static __shared__ arrays are poisoned at every block's start
+// too. Not modelled: timing, the memory model, warp-synchronous code without
+// shuffles, bank conflicts, and the GPU's floating-point contraction (the host
+// compiles with -ffp-contract=off).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <ucontext.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace emu {
+
+// the running fiber's thread and block indices (set at every switch)
+inline uint3 t_thread{0, 0, 0};
+inline uint3 t_block{0, 0, 0};
+inline unsigned t_linear = 0;
+inline dim3 g_block_dim;
+inline dim3 g_grid_dim;
+
+enum class State { kRun, kBlockBar, kWarpBar, kDone };
+
+struct Fiber {
+  ucontext_t ctx;
+  std::unique_ptr<char[]> stack;
+  State state = State::kRun;
+};
+
+constexpr size_t kStack = 256 * 1024;
+
+struct Block {
+  std::vector<Fiber> fibers;  // kept across blocks: the stacks are reused
+  std::vector<std::array<unsigned char, 16>> slots;  // one per thread, for shuffles
+  std::vector<unsigned char> smem;
+  ucontext_t sched;
+  const std::function<void()>* body = nullptr;
+  unsigned cur = 0;
+};
+inline Block g_blk_storage;
+inline Block* g_blk = &g_blk_storage;
+inline cudaError_t g_error = cudaSuccess;
+inline std::map<std::string, int> g_max_dyn_smem;  // by the kernel's name in the source
+inline std::mutex g_mu;
+
+inline int sms() {
+  const char* v = std::getenv("MBX_EMU_SMS");
+  return v ? std::atoi(v) : 4;
+}
+
+inline void wait(State why) {
+  Fiber& f = g_blk->fibers[g_blk->cur];
+  f.state = why;
+  swapcontext(&f.ctx, &g_blk->sched);
+}
+
+inline void syncthreads() { wait(State::kBlockBar); }
+
+template <typename T>
+inline T shfl_down(unsigned /*mask*/, T v, int delta, int width = 32) {
+  static_assert(sizeof(T) <= 16, "shuffle of more than 16 bytes");
+  const unsigned warp = t_linear / 32, lane = t_linear % 32;
+  std::memcpy(g_blk->slots[t_linear].data(), &v, sizeof(T));
+  wait(State::kWarpBar);
+  T r = v;
+  const unsigned src = lane + unsigned(delta);
+  const unsigned n = g_block_dim.x * g_block_dim.y * g_block_dim.z;
+  if ((lane % width) + unsigned(delta) < unsigned(width) && warp * 32 + src < n)
+    std::memcpy(&r, g_blk->slots[warp * 32 + src].data(), sizeof(T));
+  wait(State::kWarpBar);  // nobody overwrites a slot before every lane has read it
+  return r;
+}
+
+inline void fiber_main() {
+  (*g_blk->body)();
+  g_blk->fibers[g_blk->cur].state = State::kDone;  // uc_link returns to the scheduler
+}
+
+// The block's static __shared__ arrays (build.py rewrites each declaration into a
+// call with its own id): allocated, poisoned, at the first thread's declaration in
+// each block.
+inline std::map<int, std::vector<unsigned char>> g_static_smem;
+
+template <typename A>
+inline A& shared(int id) {
+  auto& buf = g_static_smem[id];
+  if (buf.empty()) buf.assign(sizeof(A) + 16, 0xFF);
+  return *reinterpret_cast<A*>(buf.data());
+}
+
+inline bool reverse_order() {
+  const char* v = std::getenv("MBX_EMU_ORDER");
+  return v != nullptr && std::strcmp(v, "reverse") == 0;
+}
+
+// Runs one block's n threads to completion; false if its barriers deadlock.
+inline bool run_block(unsigned n, const uint3& bid, const std::function<void()>& body,
+                      bool reverse) {
+  Block& b = *g_blk;
+  if (b.fibers.size() < n) b.fibers.resize(n);
+  b.body = &body;
+  for (unsigned i = 0; i < n; ++i) {
+    Fiber& f = b.fibers[i];
+    if (!f.stack) f.stack.reset(new char[kStack]);
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.get();
+    f.ctx.uc_stack.ss_size = kStack;
+    f.ctx.uc_link = &b.sched;
+    makecontext(&f.ctx, fiber_main, 0);
+    f.state = State::kRun;
+  }
+  t_block = bid;
+  for (;;) {
+    for (unsigned k = 0; k < n; ++k) {
+      const unsigned i = reverse ? n - 1 - k : k;
+      if (b.fibers[i].state != State::kRun) continue;
+      b.cur = i;
+      t_linear = i;
+      t_thread = uint3{i % g_block_dim.x, (i / g_block_dim.x) % g_block_dim.y,
+                       i / (g_block_dim.x * g_block_dim.y)};
+      swapcontext(&b.sched, &b.fibers[i].ctx);
+    }
+    // every thread now waits or is done: release the barriers that are complete
+    bool released = false, all_done = true, all_block = true;
+    for (unsigned w = 0; w * 32 < n; ++w) {
+      bool warp_ready = true, any = false;
+      for (unsigned i = w * 32; i < std::min(n, w * 32 + 32); ++i) {
+        const State st = b.fibers[i].state;
+        if (st == State::kDone) continue;
+        any = true;
+        warp_ready = warp_ready && st == State::kWarpBar;
+      }
+      if (any && warp_ready) {
+        for (unsigned i = w * 32; i < std::min(n, w * 32 + 32); ++i)
+          if (b.fibers[i].state == State::kWarpBar) b.fibers[i].state = State::kRun;
+        released = true;
+      }
+    }
+    if (released) continue;
+    for (unsigned i = 0; i < n; ++i) {
+      const State st = b.fibers[i].state;
+      all_done = all_done && st == State::kDone;
+      all_block = all_block && (st == State::kDone || st == State::kBlockBar);
+    }
+    if (all_done) return true;
+    if (!all_block) return false;  // some wait at a warp barrier, others at the block's
+    for (unsigned i = 0; i < n; ++i)
+      if (b.fibers[i].state == State::kBlockBar) b.fibers[i].state = State::kRun;
+  }
+}
+
+template <typename T>
+inline T* dyn_smem() {
+  return reinterpret_cast<T*>(g_blk->smem.data());
+}
+
+inline cudaError_t fail(cudaError_t e) {
+  g_error = e;
+  return e;
+}
+
+struct Launch {
+  const char* key;
+  dim3 grid, block;
+  size_t smem;
+  template <typename F>
+  void run(const F& body) const { go(key, body); }
+  void go(const std::string& key, const std::function<void()>& body) const {
+    const unsigned n = block.x * block.y * block.z;
+    int limit = 48 * 1024;
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      auto it = g_max_dyn_smem.find(key);
+      if (it != g_max_dyn_smem.end()) limit = std::max(limit, it->second);
+    }
+    if (n == 0 || n > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
+        grid.z > 65535 || smem > size_t(limit)) {
+      fail(cudaErrorInvalidConfiguration);
+      return;
+    }
+    if (std::getenv("MBX_EMU_TRACE"))
+      std::fprintf(stderr, "emu launch %s grid (%u,%u,%u) block (%u,%u,%u) smem %zu\n",
+                   key.c_str(), grid.x, grid.y, grid.z, block.x, block.y, block.z, smem);
+    g_block_dim = block;
+    g_grid_dim = grid;
+    const bool reverse = reverse_order();
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          g_blk->slots.assign(n, {});
+          g_blk->smem.assign(smem + 16, 0xFF);
+          g_static_smem.clear();
+          if (!run_block(n, uint3{bx, by, bz}, body, reverse)) {
+            std::fprintf(stderr, "emu: %s block (%u,%u,%u): threads wait at different "
+                         "barriers (deadlock)\n", key.c_str(), bx, by, bz);
+            fail(cudaErrorLaunchFailure);
+            return;
+          }
+        }
+  }
+};
+
+inline Launch launch(const char* key, dim3 grid, dim3 block, size_t smem = 0,
+                     cudaStream_t = nullptr) {
+  return Launch{key, grid, block, smem};
+}
+
+inline cudaError_t get_last_error() {
+  const cudaError_t e = g_error;
+  g_error = cudaSuccess;
+  return e;
+}
+
+// cudaFuncSetAttribute(kernel, attr, value), keyed by the kernel's text as the launch
+// is (the text before the attribute's name)
+template <typename F>
+inline cudaError_t func_set_attribute(const char* text, F*, cudaFuncAttribute attr, int value) {
+  std::string key(text);
+  key = key.substr(0, key.rfind(", cudaFuncAttribute"));
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return fail(cudaErrorInvalidValue);
+  if (value > 227 * 1024) return fail(cudaErrorInvalidValue);  // an H100's opt-in limit
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_max_dyn_smem[key] = value;
+  return cudaSuccess;
+}
+
+inline cudaError_t get_device(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t device_get_attribute(int* v, cudaDeviceAttr attr, int) {
+  if (attr == cudaDevAttrMultiProcessorCount) {
+    *v = sms();
+    return cudaSuccess;
+  }
+  return fail(cudaErrorInvalidValue);
+}
+
+template <typename F>
+inline cudaError_t occupancy(int* blocks, F*, int, size_t) {
+  *blocks = 2;
+  return cudaSuccess;
+}
+
+}  // namespace emu
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __launch_bounds__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#undef threadIdx
+#undef blockIdx
+#undef blockDim
+#undef gridDim
+#define threadIdx (::emu::t_thread)
+#define blockIdx (::emu::t_block)
+#define blockDim (::emu::g_block_dim)
+#define gridDim (::emu::g_grid_dim)
+#define __syncthreads() ::emu::syncthreads()
+#define __shfl_down_sync(mask, v, ...) ::emu::shfl_down(mask, v, __VA_ARGS__)
+#define __fmul_rn(a, b) ((a) * (b))
+#define __dmul_rn(a, b) ((a) * (b))
+#define cudaGetLastError ::emu::get_last_error
+#define cudaFuncSetAttribute(...) ::emu::func_set_attribute(#__VA_ARGS__, __VA_ARGS__)
+#define cudaGetDevice ::emu::get_device
+#define cudaDeviceGetAttribute ::emu::device_get_attribute
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor ::emu::occupancy
+
+using std::max;
+using std::min;
+inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+inline double rsqrt(double v) { return 1.0 / std::sqrt(v); }

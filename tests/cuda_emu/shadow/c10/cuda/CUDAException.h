@@ -1,0 +1,9 @@
+// Emulation stand-in (tests/cuda_emu): C10_CUDA_CHECK on the emulated runtime.
+#pragma once
+#include <c10/util/Exception.h>
+#define C10_CUDA_CHECK(EXPR)                                                       \
+  do {                                                                             \
+    const cudaError_t e_ = (EXPR);                                                 \
+    TORCH_CHECK(e_ == cudaSuccess, "emulated CUDA error ", int(e_), " from " #EXPR); \
+  } while (0)
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() C10_CUDA_CHECK(cudaGetLastError())

@@ -1,0 +1,146 @@
+"""The depthwise op's CUDA kernels run on the CPU: csrc/cuda compiled as host C++ with
+every CUDA thread a fiber (tests/cuda_emu/emu.h, build.py), and the CUDA
+implementation (dw_conv_cuda.cpp, unchanged) called on CPU tensors. It checks what a
+CPU can see of GPU code never run on a GPU: index math, bounds, tile choices,
+barriers, the shared-memory layouts and the fixed-order reductions of every
+depthwise path (scalar, vector strips, shared-memory tiles), forward and backward,
+against the float64 reference, with every output poisoned (NaN) before the kernels.
+
+It does not replace the GPU tests (tests/test_vec_paths.py): no timing, no memory
+model, no fp contraction, one block at a time (emu.h says what it models)."""
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+
+from mobilenet_ext import reference
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "cuda_emu"))
+import build as emu_build  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def emu():
+    try:
+        include = emu_build._cuda_include()
+    except RuntimeError as e:
+        pytest.skip(f"no CUDA toolkit headers to compile the kernels with: {e}")
+    assert os.path.isfile(os.path.join(include, "cuda_fp16.h"))
+    return emu_build.load()
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Every tensor the op allocates (outputs, workspaces) starts as NaN."""
+    for k in ("MOBILENET_EXT_VEC", "MOBILENET_EXT_DW_TILE", "MOBILENET_EXT_DW_TILE_SPLIT",
+              "MBX_EMU_SMS", "MBX_EMU_TRACE", "MBX_EMU_ORDER"):
+        monkeypatch.delenv(k, raising=False)
+    det, fill = torch.are_deterministic_algorithms_enabled(), \
+        torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(det)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+# path -> environment; "tile1" runs the tile kernels on an emulated device of one SM, so
+# that every block loops over several tiles (the sums kept across tiles, the merge)
+PATHS = {
+    "scalar": {"MOBILENET_EXT_VEC": "0"},
+    "vec": {},
+    "tile": {"MOBILENET_EXT_DW_TILE": "1"},
+    "tile1": {"MOBILENET_EXT_DW_TILE": "1", "MBX_EMU_SMS": "1"},
+    "tile_split": {"MOBILENET_EXT_DW_TILE": "1", "MOBILENET_EXT_DW_TILE_SPLIT": "1"},
+}
+# (n, c, h, w, k, stride)
+CASES = [(2, 24, 13, 13, 3, 1), (2, 24, 12, 10, 3, 2), (1, 16, 11, 9, 5, 1),
+         (2, 32, 13, 13, 5, 2), (1, 24, 12, 10, 7, 1), (1, 16, 15, 15, 7, 2)]
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _inputs(case, dtype, channels_last, seed=0):
+    n, c, h, w, k, s = case
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c, 1, k, k, generator=g) / k).to(dtype)
+    bn = [torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g) * 0.1,
+          torch.randn(c, generator=g) * 0.1, torch.rand(c, generator=g) + 0.5]
+    return x, weight, *(t.to(acc) for t in bn)
+
+
+def _close(name, got, want, dtype):
+    assert got.shape == want.shape, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or overrun)"
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item() or 1.0
+    assert err <= TOL[dtype] * scale, f"{name}: max error {err:.3g} for values up to {scale:.3g}"
+
+
+def _run(emu, capfd, case, dtype, channels_last, training, act="hardswish"):
+    """Forward and backward through the emulated CUDA kernels against the float64
+    reference (autograd); returns the kernels that ran."""
+    x, weight, g, b, rm, rv = _inputs(case, dtype, channels_last)
+    k, s = case[4], case[5]
+    pad = (k - 1) // 2
+    os.environ["MBX_EMU_TRACE"] = "1"
+    capfd.readouterr()
+    y, mean, invstd = emu.dw_fwd(x, weight, g, b, rm, rv, s, pad, 1, training, 1e-5, act)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last if channels_last else
+                       torch.contiguous_format)
+    dx, dw, dg, db = emu.dw_bwd(dy, x, weight, g, b, mean, invstd, s, pad, 1, training, act)
+    trace = capfd.readouterr().err
+    x64, w64, g64, b64 = (t.double().requires_grad_() for t in (x, weight, g, b))
+    y64, mean64, invstd64 = reference.dw_fwd(x64, w64, g64, b64, rm.double(), rv.double(), s,
+                                             pad, 1, training, 1e-5, act)
+    y64.backward(dy.double())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+    _close("y", y, y64.detach(), dtype)
+    if training:
+        _close("mean", mean, mean64, torch.float64 if dtype == torch.float64 else
+               torch.float32)
+        _close("invstd", invstd, invstd64, dtype)
+    for name, got, want in (("dx", dx, x64.grad), ("dweight", dw, w64.grad),
+                            ("dgamma", dg, g64.grad), ("dbeta", db, b64.grad)):
+        _close(name, got, want, dtype)
+    return trace
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_depthwise_kernels(emu, capfd, monkeypatch, case, path, dtype, training, order):
+    """Every path, k, stride, dtype and mode. The threads of a block run one after
+    another between barriers, in both orders: a missing barrier shows as a poisoned or
+    stale shared-memory read in at least one of them (a removed barrier of the tile
+    loop fails every stride-1 case in both)."""
+    monkeypatch.setenv("MBX_EMU_ORDER", order)
+    for key, value in PATHS[path].items():
+        monkeypatch.setenv(key, value)
+    trace = _run(emu, capfd, case, dtype, path != "scalar", training)
+    # the knobs reached the kernels: the tile kernels ran where asked for, and only there
+    tiles = path.startswith("tile")
+    assert ("dw_tile_apply_kernel" in trace) == tiles, trace
+    assert ("dw_tile_stats_kernel" in trace) == (tiles and training), trace
+    assert ("dw_tile_sums_kernel" in trace) == tiles, trace
+    split = path == "tile_split" and case[4] == 3
+    assert ("dw_tile_dweight_kernel" in trace) == split, trace
+    assert ("dw_tile_dc_dweight_kernel" in trace) == (tiles and not split), trace
+    assert ("vec_" in trace) == (path == "vec" or (tiles and case[5] == 2)), trace
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_float64_and_odd_channels(emu, capfd, training, channels_last):
+    """float64 (the scalar kernels only) and channel counts no vector width divides."""
+    _run(emu, capfd, (2, 5, 9, 7, 3, 2), torch.float64, channels_last, training)
+    _run(emu, capfd, (1, 17, 8, 9, 5, 1), torch.float32, channels_last, training, "relu6")
