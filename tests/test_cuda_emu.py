@@ -144,3 +144,61 @@ def test_float64_and_odd_channels(emu, capfd, training, channels_last):
     """float64 (the scalar kernels only) and channel counts no vector width divides."""
     _run(emu, capfd, (2, 5, 9, 7, 3, 2), torch.float64, channels_last, training)
     _run(emu, capfd, (1, 17, 8, 9, 5, 1), torch.float32, channels_last, training, "relu6")
+
+
+# (n, cin, cout, h, w, residual)
+PW_CASES = [(2, 16, 24, 7, 9, False), (1, 17, 40, 5, 5, True), (2, 96, 24, 6, 6, True),
+            (1, 8, 3, 4, 5, False)]
+
+
+@pytest.mark.parametrize("save_conv", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["scalar", "vec"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", PW_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_pointwise_epilogues(emu, capfd, monkeypatch, case, channels_last, path, dtype,
+                             training, save_conv):
+    """The pointwise op's CUDA implementation with the GEMM on the CPU (at::mm in
+    cuBLAS's place; the tensor-core eval kernel is not emulated) and its epilogue
+    kernels emulated: statistics, apply (+ residual), the backward sums and dc, with the
+    conv output recomputed or kept (MOBILENET_EXT_PW_SAVE's path, save_conv), against
+    the float64 reference."""
+    if path == "scalar":
+        monkeypatch.setenv("MOBILENET_EXT_VEC", "0")
+    monkeypatch.setenv("MBX_EMU_ORDER", "reverse" if save_conv else "forward")
+    n, cin, cout, h, w, with_res = case
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, cin, h, w, generator=g).to(dtype).contiguous(memory_format=fmt)
+    weight = (torch.randn(cout, cin, 1, 1, generator=g) / cin ** 0.5).to(dtype)
+    gamma, beta = torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g) * 0.1
+    rm, rv = torch.randn(cout, generator=g) * 0.1, torch.rand(cout, generator=g) + 0.5
+    res = torch.randn(n, cout, h, w, generator=g).to(dtype).contiguous(memory_format=fmt) \
+        if with_res else None
+    act = "identity" if with_res else "relu6"
+    os.environ["MBX_EMU_TRACE"] = "1"
+    capfd.readouterr()
+    y, mean, invstd, conv = emu.pw_fwd(x, weight, gamma, beta, rm, rv, res, training, 1e-5, act,
+                                       save_conv)
+    dy = torch.randn(y.shape, generator=g).to(dtype).contiguous(memory_format=fmt)
+    dx, dw, dg, db = emu.pw_bwd(dy, x, weight, gamma, beta, mean, invstd,
+                                conv if save_conv else None, training, act)
+    trace = capfd.readouterr().err
+    assert "kernel" in trace, "no emulated kernel ran"
+    assert ("vec_" in trace) == (path == "vec" and channels_last and cout % 8 == 0), trace
+    x64, w64, g64, b64 = (t.double().requires_grad_() for t in (x, weight, gamma, beta))
+    y64, mean64, invstd64, _ = reference.pw_fwd(
+        x64, w64, g64, b64, rm.double(), rv.double(), None if res is None else res.double(),
+        training, 1e-5, act)
+    y64.backward(dy.double())
+    assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+    _close("y", y, y64.detach(), dtype)
+    if save_conv:
+        _close("conv", conv, torch.nn.functional.conv2d(x64, w64).detach(), dtype)
+    if training:  # statistics of the GEMM's output, rounded to x's dtype as cuBLAS's is
+        _close("mean", mean, mean64, dtype)
+        _close("invstd", invstd, invstd64, dtype)
+    for name, got, want in (("dx", dx, x64.grad), ("dweight", dw, w64.grad),
+                            ("dgamma", dg, g64.grad), ("dbeta", db, b64.grad)):
+        _close(name, got, want, dtype)

@@ -13,8 +13,12 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CSRC = ROOT / "csrc"
 # the depthwise op's CUDA implementation and what it calls
-UNITS = ["host.cpp", "cuda/dw_conv_cuda.cpp", "cuda/dw_conv.cu", "cuda/dw_vec.cu",
-         "cuda/dw_tile.cu", "cuda/bn_fold.cu", "cuda/pw_conv.cu"]
+# the CUDA implementations of both ops (*_cuda.cpp) and what they call; the
+# pointwise eval kernel on tensor cores (pw_fused.cu: WMMA, cp.async) is not
+# emulated: pw_fused_stub.cpp says it is unsupported, so that path takes cuBLAS's
+# place (at::mm on the CPU tensors) + the epilogue kernels, as on a GPU before sm_80
+UNITS = ["host.cpp", "cuda/dw_conv_cuda.cpp", "cuda/pw_conv_cuda.cpp", "cuda/dw_conv.cu",
+         "cuda/dw_vec.cu", "cuda/dw_tile.cu", "cuda/bn_fold.cu", "cuda/pw_conv.cu"]
 
 _NAME = r"[A-Za-z_][\w:]*(?:\s*<(?:[^<>;]|<(?:[^<>;]|<[^<>;]*>)*>)*>)?"
 _LAUNCH = re.compile(rf"({_NAME})\s*<<<(.*?)>>>", re.S)
@@ -22,12 +26,26 @@ _DYN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(
 _STATIC_SMEM = re.compile(r"__shared__\s+(\w+)\s+([^;]+);")
 _DECLARATOR = re.compile(r"(\w+)((?:\[[^\]]+\])+)")
 _REGISTER = re.compile(r"TORCH_LIBRARY_IMPL\(mobilenet_ext, CUDA, m\) \{.*?\n\}", re.S)
-_BINDINGS = """
-#include <torch/extension.h>
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dw_fwd", &mbx::dw_fwd_cuda);
-  m.def("dw_bwd", &mbx::dw_bwd_cuda);
-}
+_IMPL = re.compile(r'm\.impl\("(\w+)", &(\w+)\);')
+_MODULE = """#include <torch/extension.h>
+namespace mbx {{
+{decls}
+}}
+// cuBLAS's fp16/bf16 GEMMs with an fp32 output (host.cpp's pw_conv_gemm), which ATen
+// has on CUDA only: the same products in fp32 on the CPU
+static at::Tensor mm_dtype(const at::Tensor& a, const at::Tensor& b, at::ScalarType dt) {{
+  return at::mm(a.to(dt), b.to(dt));
+}}
+static at::Tensor bmm_dtype(const at::Tensor& a, const at::Tensor& b, at::ScalarType dt) {{
+  return at::bmm(a.to(dt), b.to(dt));
+}}
+TORCH_LIBRARY_IMPL(aten, CPU, m) {{
+  m.impl("mm.dtype", mm_dtype);
+  m.impl("bmm.dtype", bmm_dtype);
+}}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{
+{calls}
+}}
 """
 
 
@@ -81,10 +99,12 @@ def transform(path: pathlib.Path, text: str) -> str:
         text = _STATIC_SMEM.sub(_static_smem, text)
         assert "__shared__" not in text, f"{path}: shared memory not rewritten"
         text = f'#include "emu.h"\n' + text if n or path.suffix == ".cu" else text
-    if path.name == "dw_conv_cuda.cpp":
-        text, n = _REGISTER.subn("", text)
-        assert n == 1, "dw_conv_cuda.cpp: the CUDA registration block not found"
-        text += _BINDINGS
+    if path.name.endswith("_cuda.cpp"):  # its CUDA registration -> pybind11 functions
+        blocks = _REGISTER.findall(text)
+        assert len(blocks) == 1, f"{path}: the CUDA registration block not found"
+        body = "\n".join(f'  m.def("{op}", &{fn});' for op, fn in _IMPL.findall(blocks[0]))
+        text = "#include <torch/extension.h>\n" + _REGISTER.sub(
+            f"void emu_bind_{path.stem}(pybind11::module_& m) {{\n{body}\n}}", text)
     return text
 
 
@@ -102,7 +122,11 @@ def load(verbose=False):
         if p.suffix in (".h", ".cuh") or p.relative_to(CSRC).as_posix() in UNITS:
             _write(src / p.relative_to(CSRC), transform(p, p.read_text()))
     _write(src / "cuda" / "emu.h", (HERE / "emu.h").read_text())
-    sources = []
+    binds = [pathlib.Path(u).stem for u in UNITS if u.endswith("_cuda.cpp")]
+    _write(src / "emu_module.cpp", _MODULE.format(
+        decls="\n".join(f"void emu_bind_{b}(pybind11::module_& m);" for b in binds),
+        calls="\n".join(f"  mbx::emu_bind_{b}(m);" for b in binds)))
+    sources = [str(src / "emu_module.cpp"), str(HERE / "pw_fused_stub.cpp")]
     for u in UNITS:  # the .cu units compiled as C++
         p = src / u
         if p.suffix == ".cu":
