@@ -46,9 +46,9 @@ MBX_HD T act_bwd(int act, T z, T dy) {
     // & not &&: no short circuit, so the CPU loops if-convert and vectorise
     case kReLU6: return ((z > T(0)) & (z < T(6))) ? dy : T(0);
     case kReLU: return z > T(0) ? dy : T(0);
-    case kHardSwish:
-      if (z < T(-3)) return T(0);
-      if (z <= T(3)) return dy * (z / T(3) + T(0.5));
+    case kHardSwish:  // as hardswish_backward: 0 at -3, dy at 3
+      if (z <= T(-3)) return T(0);
+      if (z < T(3)) return dy * (z / T(3) + T(0.5));
       return dy;
     case kSiLU: {
       T s = T(1) / (T(1) + exp_(-z));

@@ -61,6 +61,22 @@ def _check_x_weight(x, weight):
         raise ValueError(f"weight: expected device {x.device} like x, got {weight.device}")
 
 
+def _check_eps(training, eps):
+    if training and not eps > 0:  # as F.batch_norm: 1/sqrt(var + eps) of a constant channel
+        raise ValueError(f"eps: must be positive when training, got {eps}")
+
+
+def _as_int(v, name):
+    """v as a Python int (an int-like: numpy's too), None as None; ValueError naming the
+    argument otherwise (2.5 would reach the op's int schema, or the default padding)."""
+    if v is None or type(v) is int:
+        return v
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name}: expected an int, got {v!r}") from None
+
+
 def _check_bn_act(x, c_out, out_count, bn_weight, bn_bias, running_mean, running_var, training,
                   momentum, act):
     """Checks shared by both ops: BN parameters of c_out channels, act, training batch."""
@@ -229,13 +245,15 @@ def _run_fused(name, backend, x, c_out, bn_weight, bn_bias, running_mean, runnin
         bn_weight = torch.ones(c_out, dtype=_acc_dtype(x.dtype), device=x.device)
     if bn_bias is None:
         bn_bias = torch.zeros(c_out, dtype=_acc_dtype(x.dtype), device=x.device)
-    y, mean, invstd = _call(name + ("_triton" if backend == "triton" else ""),
-                            x.contiguous(memory_format=_memory_format(x)), args[0], bn_weight,
-                            bn_bias, running_mean, running_var, *args[1:])[:3]
+    update = None
     if training:
-        count = y.shape[0] * y.shape[2] * y.shape[3]
-        _update_running(running_mean, running_var, mean, invstd, eps, count, momentum)
-    return y
+        def update(out):
+            y, mean, invstd = out[:3]
+            count = y.shape[0] * y.shape[2] * y.shape[3]
+            _update_running(running_mean, running_var, mean, invstd, eps, count, momentum)
+    return _call(name + ("_triton" if backend == "triton" else ""), update,
+                 x.contiguous(memory_format=_memory_format(x)), args[0], bn_weight, bn_bias,
+                 running_mean, running_var, *args[1:])[0]
 
 
 def dw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1,
@@ -250,9 +268,14 @@ def dw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
     (when given) as `F.batch_norm` does. Returns y in x's memory format. Under
     `torch.autocast`, x and weight run in the autocast dtype, as eager conv2d does.
     """
+    if not (type(stride) is int and type(dilation) is int and
+            (padding is None or type(padding) is int)):
+        stride, padding, dilation = (_as_int(stride, "stride"), _as_int(padding, "padding"),
+                                     _as_int(dilation, "dilation"))
     if padding is None and isinstance(weight, torch.Tensor):
         padding = reference.default_padding(weight.shape[-1], dilation)
     x, weight = _autocast(x, weight)
+    _check_eps(training, eps)
     backend = _backend.pick(x) if isinstance(x, torch.Tensor) else None
     if backend is not None and (_transformed() or training and x.dim() == 4 and
                                 x.shape[0] == 0):
@@ -281,6 +304,7 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
     `dw_conv_bn_act`. Returns y in x's memory format.
     """
     x, weight, residual = _autocast(x, weight, residual)
+    _check_eps(training, eps)
     backend = _backend.pick(x) if isinstance(x, torch.Tensor) else None
     if backend is not None and (_transformed() or training and x.dim() == 4 and
                                 x.shape[0] == 0):
@@ -432,17 +456,19 @@ class _Eager(torch.autograd.Function):
     torch.compile the registered op runs instead (_call)."""
 
     @staticmethod
-    def forward(ctx, name, *inputs):
+    def forward(ctx, name, update, *inputs):
         op, setup, _ = _AUTOGRAD[name]
         with torch._C._AutoDispatchBelowAutograd():
             out = op(*inputs)
+        if update is not None:  # before setup saves: see _call
+            update(out)
         setup(ctx, inputs, out)
         ctx.name = name
         return out
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, *_AUTOGRAD[ctx.name][2](ctx, *grads))
+        return (None, None, *_AUTOGRAD[ctx.name][2](ctx, *grads))
 
 
 def _requires_grad(args) -> bool:
@@ -452,16 +478,24 @@ def _requires_grad(args) -> bool:
     return False
 
 
-def _call(name, *args):
+def _call(name, update, *args):
     """The registered forward op `name` on args: through _Eager when a gradient is
     needed, straight to the kernel below autograd when not; the registered op itself
-    (and its registered autograd) when torch.compile or torch.jit.trace traces."""
+    (and its registered autograd) when torch.compile or torch.jit.trace traces.
+    update(out) (the running-buffer update, or None) runs on the op's outputs before
+    _Eager's forward saves its tensors, as eager BatchNorm updates its buffers inside
+    its op: non-reentrant activation checkpointing stops a recomputed forward at the
+    last saved tensor, and eager's layers have updated their buffers by then."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return getattr(torch.ops.mobilenet_ext, name)(*args)
-    if torch.is_grad_enabled() and _requires_grad(args):
-        return _Eager.apply(name, *args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return _AUTOGRAD[name][0](*args)
+        out = getattr(torch.ops.mobilenet_ext, name)(*args)
+    elif torch.is_grad_enabled() and _requires_grad(args):
+        return _Eager.apply(name, update, *args)
+    else:
+        with torch._C._AutoDispatchBelowAutograd():
+            out = _AUTOGRAD[name][0](*args)
+    if update is not None:
+        update(out)
+    return out
 
 
 def _register(suffix):

@@ -344,6 +344,10 @@ def _bad(**change):
     (dict(running_mean=None), "running_mean/running_var: required"),
     (dict(padding=5), "padding: must be in"),
     (dict(training=True, momentum=None), "momentum"),
+    (dict(dilation=2.5), "dilation: expected an int"),
+    (dict(stride="1"), "stride: expected an int"),
+    (dict(training=True, eps=0.0), "eps: must be positive"),
+    (dict(training=True, eps=-1e-3), "eps: must be positive"),
 ])
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_bad_input(change, match, backend):

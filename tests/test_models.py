@@ -934,6 +934,32 @@ def test_parametrized_after_convert():
     _same_steps(model, fused, torch.randn(2, 8, 9, 9, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing(reentrant):
+    """checkpoint_sequential over a converted model's features: outputs, gradients and
+    running statistics as eager's (which update their buffers again when a segment is
+    recomputed, up to the last tensor the backward needs)."""
+    torch.manual_seed(0)
+    model = randomise_bn(torchvision.models.mobilenet_v2(width_mult=0.35)).double().train()
+    fused = convert(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ys = []
+    for m in (model, fused):
+        y = torch.utils.checkpoint.checkpoint_sequential(m.features, 3, x.requires_grad_(),
+                                                         use_reentrant=reentrant)
+        y.square().mean().backward()
+        ys.append(y.detach())
+    torch.testing.assert_close(ys[1], ys[0], atol=1e-10, rtol=1e-9)
+    for (n, pa), pb in zip(model.named_parameters(), fused.parameters()):
+        if pa.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-9, rtol=1e-7,
+                                       msg=lambda m, n=n: f"{n}: {m}")
+    sa, sb = model.state_dict(), fused.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-10, rtol=1e-9,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("frozen", [False, True])
 def test_forward_mode_ad(frozen):
     """jvp (torch.func and torch.autograd.forward_ad) through fused layers: the tangent

@@ -256,6 +256,26 @@ def test_empty_batch_or_channels(device, n, cout, training, channels_last):
     assert (rm == 0).all() and (rv == 1).all()
 
 
+@pytest.mark.parametrize("act", ["relu6", "relu", "hardswish"])
+def test_gradients_at_the_kinks(device, act):
+    """Pre-activations exactly at relu/relu6/hardswish's kinks (an identity 1x1 conv, BN
+    scale 1, shift 0): the gradients eager's activations give there (hardswish: 0 at -3,
+    1 at 3; relu6: 0 at 0 and 6)."""
+    c = 8
+    x = torch.tensor([-6.0, -3.0, -1.5, 0.0, 1.5, 3.0, 6.0, 7.0], device=device)
+    x = x.repeat(c).reshape(1, c, 8, 1).requires_grad_()
+    w = torch.eye(c, device=device).reshape(c, c, 1, 1)
+    ones, zeros = torch.ones(c, device=device), torch.zeros(c, device=device)
+    y = mobilenet_ext.pw_conv_bn_act(x, w, ones, zeros, zeros, ones, eps=0.0, act=act)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    want = {"relu6": torch.nn.functional.relu6, "relu": torch.relu,
+            "hardswish": torch.nn.functional.hardswish}[act](x2)
+    (gw,) = torch.autograd.grad(want.sum(), x2)
+    assert torch.equal(y, want.detach())
+    assert torch.equal(gx, gw), (gx[0, 0, :, 0], gw[0, 0, :, 0])
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("training", [False, True])
 def test_zero_spatial_size_raises(device, training, channels_last):
@@ -569,6 +589,7 @@ def _bad(**change):
     (dict(x=torch.randn(1, 4, 1, 1), training=True), "more than 1 value per channel"),
     (dict(act="gelu"), "act: unknown activation"),
     (dict(weight=torch.randn(6, 4, 1, 1, dtype=torch.float16)), "weight: expected dtype"),
+    (dict(training=True, eps=0.0), "eps: must be positive"),
 ])
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_bad_input(change, match, backend):

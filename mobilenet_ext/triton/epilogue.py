@@ -41,7 +41,7 @@ def act_bwd(z, dy, ACT: tl.constexpr):
     elif ACT == 1:
         r = tl.where(z > 0.0, dy, 0.0)
     elif ACT == 3:
-        r = tl.where(z < -3.0, 0.0, tl.where(z <= 3.0, dy * (z / 3.0 + 0.5), dy))
+        r = tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, dy * (z / 3.0 + 0.5), dy))
     elif ACT == 4:
         s = 1.0 / (1.0 + tl.exp(-z))
         r = dy * s * (1.0 + z * (1.0 - s))
