@@ -421,9 +421,9 @@ def _walk(module, prefix, report):
                 report.residual.append(prefix + name)
             else:
                 report.left.append((prefix + name, f"residual add not fused: {why}"))
-    # nn.Sequential's own forward: a subclass with another forward may not run its
-    # children back to back
-    if type(module).forward is nn.Sequential.forward or _qualname(module) in _ORDERED_PARENTS:
+    # _runs_children: nn.Sequential's own forward (a subclass with another forward may
+    # not run its children back to back)
+    if _runs_children(module) or _qualname(module) in _ORDERED_PARENTS:
         _fuse_children(module, prefix, report)
     else:
         kids = list(module.named_children())

@@ -87,7 +87,7 @@ def _check_bn_act(x, c_out, out_count, bn_weight, bn_bias, running_mean, running
         raise ValueError(f"act: unknown activation {act!r}; expected one of "
                          f"{', '.join(ACTIVATIONS)}")
     if training:
-        if out_count == 1:  # 0 (an empty batch) runs the reference, as eager runs it
+        if out_count == 1:  # 0 (an empty batch) runs the reference (_pick_backend)
             raise ValueError(f"x: expected more than 1 value per channel when training, got "
                              f"{out_count} (input shape {tuple(x.shape)})")
         if momentum is None:
@@ -231,10 +231,18 @@ def _transformed() -> bool:
     return _peek_interpreter() is not None or _forward_ad._current_level >= 0
 
 
-# _EMPTY_BATCH: a training call on an empty batch (N == 0) has no statistics to normalise with. Eager `F.batch_norm` returns an empty output and
-# leaves the running buffers as they are (gradients: zeros); the fused kernels' ops
-# reject it (they need more than 1 value per channel), so the wrappers run the
-# reference composition, which is eager. An empty eval call runs the fused kernels.
+def _pick_backend(x, training):
+    """The backend for a call on x (None when x is not a tensor: the checks raise): the
+    selected one, or the reference composition, which is eager, where the fused ops
+    have nothing to offer: under a transform (_transformed), and for a training batch
+    of zero images, which has no statistics to normalise with (eager `F.batch_norm`
+    returns an empty output and leaves the running buffers as they are; the fused ops
+    need more than 1 value per channel). An empty eval call runs the fused kernels."""
+    backend = _backend.pick(x) if isinstance(x, torch.Tensor) else None
+    if backend is not None and (_transformed() or training and x.dim() == 4 and
+                                x.shape[0] == 0):
+        return "reference"
+    return backend
 
 
 def _run_fused(name, backend, x, c_out, bn_weight, bn_bias, running_mean, running_var, training,
@@ -276,10 +284,7 @@ def dw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
         padding = reference.default_padding(weight.shape[-1], dilation)
     x, weight = _autocast(x, weight)
     _check_eps(training, eps)
-    backend = _backend.pick(x) if isinstance(x, torch.Tensor) else None
-    if backend is not None and (_transformed() or training and x.dim() == 4 and
-                                x.shape[0] == 0):
-        backend = "reference"  # see _transformed, _EMPTY_BATCH
+    backend = _pick_backend(x, training)
     if not _checks_left_to_cpp(backend, x, weight, training, momentum, bn_weight, bn_bias,
                                running_mean, running_var):
         _check_dw(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
@@ -305,10 +310,7 @@ def pw_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, 
     """
     x, weight, residual = _autocast(x, weight, residual)
     _check_eps(training, eps)
-    backend = _backend.pick(x) if isinstance(x, torch.Tensor) else None
-    if backend is not None and (_transformed() or training and x.dim() == 4 and
-                                x.shape[0] == 0):
-        backend = "reference"  # see _transformed, _EMPTY_BATCH
+    backend = _pick_backend(x, training)
     if not _checks_left_to_cpp(backend, x, weight, training, momentum, bn_weight, bn_bias,
                                running_mean, running_var, residual):
         _check_pw(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training,

@@ -76,18 +76,21 @@ def _rewrite_launches(text: str) -> tuple[str, int]:
     return "".join(out), n
 
 
-_ids = iter(range(1, 1 << 30))
+def _static_smem(path: pathlib.Path, text: str) -> str:
+    """Every `__shared__ T a[n], b[m];` -> references to the block's poisoned arrays
+    (emu::shared), each keyed by its file and its place there."""
+    count = iter(range(1 << 30))
 
+    def one(m) -> str:
+        out = []
+        for name, dims in _DECLARATOR.findall(m.group(2)):
+            bounds = "".join(f"[({d[1:-1]})]" for d in re.findall(r"\[[^\]]+\]", dims))
+            key = f"{path.name}:{next(count)}"
+            out.append(f'auto& {name} = ::emu::shared<{m.group(1)}{bounds}>("{key}");')
+        assert out, m.group(0)
+        return " ".join(out)
 
-def _static_smem(m) -> str:
-    """`__shared__ T a[n], b[m];` -> references to the block's poisoned arrays
-    (emu::shared), one id per declaration."""
-    out = []
-    for name, dims in _DECLARATOR.findall(m.group(2)):
-        bounds = "".join(f"[({d[1:-1]})]" for d in re.findall(r"\[[^\]]+\]", dims))
-        out.append(f"auto& {name} = ::emu::shared<{m.group(1)}{bounds}>({next(_ids)});")
-    assert out, m.group(0)
-    return " ".join(out)
+    return _STATIC_SMEM.sub(one, text)
 
 
 def transform(path: pathlib.Path, text: str) -> str:
@@ -96,7 +99,7 @@ def transform(path: pathlib.Path, text: str) -> str:
         assert "<<<" not in text, f"{path}: a launch the rewrite missed"
         text = _DYN_SMEM.sub(r"\1* \2 = ::emu::dyn_smem<\1>();", text)
         assert "extern __shared__" not in text, f"{path}: dynamic shared memory not rewritten"
-        text = _STATIC_SMEM.sub(_static_smem, text)
+        text = _static_smem(path, text)
         assert "__shared__" not in text, f"{path}: shared memory not rewritten"
         text = f'#include "emu.h"\n' + text if n or path.suffix == ".cu" else text
     if path.name.endswith("_cuda.cpp"):  # its CUDA registration -> pybind11 functions
@@ -106,6 +109,11 @@ def transform(path: pathlib.Path, text: str) -> str:
         text = "#include <torch/extension.h>\n" + _REGISTER.sub(
             f"void emu_bind_{path.stem}(pybind11::module_& m) {{\n{body}\n}}", text)
     return text
+
+
+def _unit_name(rel: pathlib.Path) -> pathlib.Path:
+    """Where a source goes in the build tree: a .cu unit as x_cu.cpp (compiled as C++)."""
+    return rel.with_name(rel.stem + "_cu.cpp") if rel.suffix == ".cu" else rel
 
 
 def _write(dst: pathlib.Path, text: str):
@@ -120,20 +128,14 @@ def load(verbose=False):
     src = out / "src"
     for p in CSRC.rglob("*"):
         if p.suffix in (".h", ".cuh") or p.relative_to(CSRC).as_posix() in UNITS:
-            _write(src / p.relative_to(CSRC), transform(p, p.read_text()))
+            _write(src / _unit_name(p.relative_to(CSRC)), transform(p, p.read_text()))
     _write(src / "cuda" / "emu.h", (HERE / "emu.h").read_text())
     binds = [pathlib.Path(u).stem for u in UNITS if u.endswith("_cuda.cpp")]
     _write(src / "emu_module.cpp", _MODULE.format(
         decls="\n".join(f"void emu_bind_{b}(pybind11::module_& m);" for b in binds),
         calls="\n".join(f"  mbx::emu_bind_{b}(m);" for b in binds)))
     sources = [str(src / "emu_module.cpp"), str(HERE / "pw_fused_stub.cpp")]
-    for u in UNITS:  # the .cu units compiled as C++
-        p = src / u
-        if p.suffix == ".cu":
-            cpp = p.with_name(p.stem + "_cu.cpp")
-            _write(cpp, p.read_text())
-            p = cpp
-        sources.append(str(p))
+    sources += [str(src / _unit_name(pathlib.Path(u))) for u in UNITS]
     flags = ["-O2", "-fno-strict-aliasing", "-ffp-contract=off", "-DMBX_WITH_CUDA",
              "-Wno-unused-function", "-Wno-attributes"]
     cuda_include = _cuda_include()

@@ -109,13 +109,13 @@ inline void fiber_main() {
 }
 
 // The block's static __shared__ arrays (build.py rewrites each declaration into a
-// call with its own id): allocated, poisoned, at the first thread's declaration in
+// call with its own key): allocated, poisoned, at the first thread's declaration in
 // each block.
-inline std::map<int, std::vector<unsigned char>> g_static_smem;
+inline std::map<std::string, std::vector<unsigned char>> g_static_smem;
 
 template <typename A>
-inline A& shared(int id) {
-  auto& buf = g_static_smem[id];
+inline A& shared(const char* key) {
+  auto& buf = g_static_smem[key];
   if (buf.empty()) buf.assign(sizeof(A) + 16, 0xFF);
   return *reinterpret_cast<A*>(buf.data());
 }
