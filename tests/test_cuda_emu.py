@@ -62,6 +62,10 @@ PATHS = {
 # (n, c, h, w, k, stride)
 CASES = [(2, 24, 13, 13, 3, 1), (2, 24, 12, 10, 3, 2), (1, 16, 11, 9, 5, 1),
          (2, 32, 13, 13, 5, 2), (1, 24, 12, 10, 7, 1), (1, 16, 15, 15, 7, 2)]
+def _name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
@@ -92,10 +96,27 @@ def _close(name, got, want, dtype, eager=None):
     assert err <= bound, f"{name}: max error {err:.3g} for values up to {scale:.3g}"
 
 
-def _run(emu, capfd, case, dtype, channels_last, training, act="hardswish", dil=1, pad=None):
+def _misaligned(t):
+    """t's values, in t's layout, in memory that starts one element past a 16-byte
+    boundary (as a view into a larger buffer can)."""
+    base = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]
+    if t.dim() == 4 and not t.is_contiguous():  # channels_last
+        n, c, h, w = t.shape
+        out = base.view(n, h, w, c).permute(0, 3, 1, 2)
+    else:
+        out = base.view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0 and out.stride() == t.stride()
+    return out
+
+
+def _run(emu, capfd, case, dtype, channels_last, training, act="hardswish", dil=1, pad=None,
+         misaligned=False):
     """Forward and backward through the emulated CUDA kernels against the float64
-    reference (autograd); returns the kernels that ran."""
+    reference (autograd); returns the kernels that ran. misaligned: x and dy start
+    off a 16-byte boundary."""
     x, weight, g, b, rm, rv = _inputs(case, dtype, channels_last)
+    x = _misaligned(x) if misaligned else x
     k, s = case[4], case[5]
     pad = (k - 1) // 2 * dil if pad is None else pad
     os.environ["MBX_EMU_TRACE"] = "1"
@@ -104,6 +125,7 @@ def _run(emu, capfd, case, dtype, channels_last, training, act="hardswish", dil=
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     dy = dy.contiguous(memory_format=torch.channels_last if channels_last else
                        torch.contiguous_format)
+    dy = _misaligned(dy) if misaligned else dy
     dx, dw, dg, db = emu.dw_bwd(dy, x, weight, g, b, mean, invstd, s, pad, dil, training, act)
     trace = capfd.readouterr().err
     x64, w64, g64, b64 = (t.double().requires_grad_() for t in (x, weight, g, b))
@@ -130,7 +152,7 @@ def _run(emu, capfd, case, dtype, channels_last, training, act="hardswish", dil=
 
 @pytest.mark.parametrize("order", ["forward", "reverse"])
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=_name)
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_depthwise_kernels(emu, capfd, monkeypatch, case, path, dtype, training, order):
@@ -171,42 +193,30 @@ PW_CASES = [(2, 16, 24, 7, 9, False), (1, 17, 40, 5, 5, True), (2, 96, 24, 6, 6,
             (1, 8, 3, 4, 5, False)]
 
 
-@pytest.mark.parametrize("save_conv", [False, True])
-@pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path", ["scalar", "vec"])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("case", PW_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_pointwise_epilogues(emu, capfd, monkeypatch, case, channels_last, path, dtype,
-                             training, save_conv):
-    """The pointwise op's CUDA implementation with the GEMM on the CPU (at::mm in
-    cuBLAS's place; the tensor-core eval kernel is not emulated) and its epilogue
-    kernels emulated: statistics, apply (+ residual), the backward sums and dc, with the
-    conv output recomputed or kept (MOBILENET_EXT_PW_SAVE's path, save_conv), against
-    the float64 reference."""
-    if path == "scalar":
-        monkeypatch.setenv("MOBILENET_EXT_VEC", "0")
-    monkeypatch.setenv("MBX_EMU_ORDER", "reverse" if save_conv else "forward")
+def _run_pw(emu, capfd, case, channels_last, dtype, training, save_conv, misaligned=False):
+    """The pointwise op's forward and backward through the emulated CUDA implementation
+    against the float64 reference; returns the kernels that ran. misaligned: x, the
+    residual and dy start off a 16-byte boundary."""
     n, cin, cout, h, w, with_res = case
     g = torch.Generator().manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(n, cin, h, w, generator=g).to(dtype).contiguous(memory_format=fmt)
+    moved = _misaligned if misaligned else (lambda t: t)
+    x = moved(torch.randn(n, cin, h, w, generator=g).to(dtype).contiguous(memory_format=fmt))
     weight = (torch.randn(cout, cin, 1, 1, generator=g) / cin ** 0.5).to(dtype)
     gamma, beta = torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g) * 0.1
     rm, rv = torch.randn(cout, generator=g) * 0.1, torch.rand(cout, generator=g) + 0.5
-    res = torch.randn(n, cout, h, w, generator=g).to(dtype).contiguous(memory_format=fmt) \
+    res = moved(torch.randn(n, cout, h, w, generator=g).to(dtype).contiguous(memory_format=fmt)) \
         if with_res else None
     act = "identity" if with_res else "relu6"
     os.environ["MBX_EMU_TRACE"] = "1"
     capfd.readouterr()
     y, mean, invstd, conv = emu.pw_fwd(x, weight, gamma, beta, rm, rv, res, training, 1e-5, act,
                                        save_conv)
-    dy = torch.randn(y.shape, generator=g).to(dtype).contiguous(memory_format=fmt)
+    dy = moved(torch.randn(y.shape, generator=g).to(dtype).contiguous(memory_format=fmt))
     dx, dw, dg, db = emu.pw_bwd(dy, x, weight, gamma, beta, mean, invstd,
                                 conv if save_conv else None, training, act)
     trace = capfd.readouterr().err
     assert "kernel" in trace, "no emulated kernel ran"
-    assert ("vec_" in trace) == (path == "vec" and channels_last and cout % 8 == 0), trace
     x64, w64, g64, b64 = (t.double().requires_grad_() for t in (x, weight, gamma, beta))
     y64, mean64, invstd64, _ = reference.pw_fwd(
         x64, w64, g64, b64, rm.double(), rv.double(), None if res is None else res.double(),
@@ -222,3 +232,44 @@ def test_pointwise_epilogues(emu, capfd, monkeypatch, case, channels_last, path,
     for name, got, want in (("dx", dx, x64.grad), ("dweight", dw, w64.grad),
                             ("dgamma", dg, g64.grad), ("dbeta", db, b64.grad)):
         _close(name, got, want, dtype)
+    return trace
+
+
+@pytest.mark.parametrize("save_conv", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=_name)
+@pytest.mark.parametrize("path", ["scalar", "vec"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", PW_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_pointwise_epilogues(emu, capfd, monkeypatch, case, channels_last, path, dtype,
+                             training, save_conv):
+    """The pointwise op's CUDA implementation with the GEMM on the CPU (at::mm in
+    cuBLAS's place; the tensor-core eval kernel is not emulated) and its epilogue
+    kernels emulated: statistics, apply (+ residual), the backward sums and dc, with the
+    conv output recomputed or kept (MOBILENET_EXT_PW_SAVE's path, save_conv), against
+    the float64 reference."""
+    if path == "scalar":
+        monkeypatch.setenv("MOBILENET_EXT_VEC", "0")
+    monkeypatch.setenv("MBX_EMU_ORDER", "reverse" if save_conv else "forward")
+    trace = _run_pw(emu, capfd, case, channels_last, dtype, training, save_conv)
+    cout = case[2]
+    assert ("vec_" in trace) == (path == "vec" and channels_last and cout % 8 == 0), trace
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_name)
+def test_misaligned_tensors(emu, capfd, monkeypatch, dtype, training):
+    """x, dy (and the pointwise residual) starting off a 16-byte boundary, channels_last,
+    at shapes that otherwise take the vector (and tile) kernels: the results are right
+    and no vector kernel ran (on a GPU their 16-byte accesses would fault; under the
+    sanitizers, test_cuda_emu_sanitized.py, any misaligned access is an error)."""
+    for tiles in ("0", "1"):
+        monkeypatch.setenv("MOBILENET_EXT_DW_TILE", tiles)
+        for case in ((2, 24, 13, 13, 3, 1), (2, 32, 13, 13, 5, 2)):
+            trace = _run(emu, capfd, case, dtype, True, training, misaligned=True)
+            assert "emu launch" in trace and "vec_" not in trace and "dw_tile" not in trace, \
+                trace
+    for save_conv in (False, True):
+        trace = _run_pw(emu, capfd, (2, 16, 24, 7, 9, True), True, dtype, training, save_conv,
+                        misaligned=True)
+        assert "vec_" not in trace, trace

@@ -133,9 +133,10 @@ bool pick_tile(int groups, int Wout, TileLayout* best, int max_cg) {
 }
 
 // 16 bytes global -> shared, asynchronous from sm_80 (cp.async, no register
-// staging).
+// staging). The cp.async code is also what a host compilation sees (no __CUDA_ARCH__):
+// the CPU emulator of tests/cuda_emu runs it, with its copies landing late.
 __device__ __forceinline__ void copy16(uint4* dst, const void* src) {
-#if __CUDA_ARCH__ >= 800
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
 #else
@@ -145,7 +146,7 @@ __device__ __forceinline__ void copy16(uint4* dst, const void* src) {
 
 // Every copy16 of this thread has landed (the block barrier follows).
 __device__ __forceinline__ void copy16_wait() {
-#if __CUDA_ARCH__ >= 800
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 #endif

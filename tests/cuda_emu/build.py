@@ -1,7 +1,14 @@
-"""Builds the depthwise op's CUDA sources as host C++ (see emu.h) into a Python module
-whose dw_fwd / dw_bwd are the CUDA implementations (csrc/cuda/dw_conv_cuda.cpp) running
-on CPU tensors. For tests: the CUDA kernels' index math, bounds, barriers and
-reductions checked where no GPU is."""
+"""Builds the ops' CUDA sources as host C++ (see emu.h) into a Python module whose
+dw_fwd / dw_bwd / pw_fwd / pw_bwd are the CUDA implementations (csrc/cuda/*_cuda.cpp)
+running on CPU tensors. For tests: the CUDA kernels' index math, bounds, barriers and
+reductions checked where no GPU is.
+
+load(sanitize=True) builds a second module, instrumented with AddressSanitizer and
+UndefinedBehaviorSanitizer: every access of an emulated kernel past a tensor's or a
+shared-memory buffer's end, and every misaligned vector access (a fault on a GPU:
+16-byte loads need 16-byte addresses), ends the process with a report. The ASan
+runtime must be the process's first library: run Python with
+LD_PRELOAD=`sanitizer_preload()` (test_cuda_emu_sanitized.py does)."""
 import os
 import pathlib
 import re
@@ -43,10 +50,62 @@ TORCH_LIBRARY_IMPL(aten, CPU, m) {{
   m.impl("mm.dtype", mm_dtype);
   m.impl("bmm.dtype", bmm_dtype);
 }}
+// The sanitizers' own check: one emulated thread reads past the end of a float64
+// tensor ("oob") or loads 16 bytes from an address 8 bytes into it ("misaligned").
+#include "cuda/emu.h"
+static double probe(const std::string& kind, const at::Tensor& t) {{
+  const double* p = t.const_data_ptr<double>();
+  const int64_t n = t.numel();
+  double r = 0.0;
+  ::emu::launch("probe", dim3(1), dim3(1)).run([&] {{
+    if (kind == "oob") r = p[n];
+    else r = double(reinterpret_cast<const uint4*>(p + 1)->x);
+  }});
+  return r;
+}}
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{
 {calls}
+  m.def("probe", &probe);
 }}
 """
+
+
+# The inline PTX the kernels use (whitespace-normalised template) -> the emulator's
+# call, {0}, {1}, ... the asm's input operands in order. Any other asm fails the build.
+_ASM = {
+    "cp.async.cg.shared.global [%0], [%1], 16;": "::emu::cp_async({0}, {1}, 16)",
+    "cp.async.cg.shared.global [%0], [%1], 16, %2;": "::emu::cp_async({0}, {1}, {2})",
+    "cp.async.commit_group;": "::emu::cp_async_commit()",
+    "cp.async.wait_group %0;": "::emu::cp_async_wait({0})",
+    "cp.async.wait_group 0;": "::emu::cp_async_wait(0)",
+}
+_ASM_STMT = re.compile(r'asm\s+volatile\s*\(\s*"((?:[^"\\]|\\.)*)"(.*?)\)\s*;', re.S)
+_OPERAND = re.compile(r'"[^"]*"\s*\(')
+
+
+def _balanced(text: str, i: int) -> int:
+    """The index just past the parenthesised expression that starts at text[i] == "("."""
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[j], 0)
+        if depth == 0:
+            return j + 1
+    raise AssertionError("unbalanced parentheses")
+
+
+def _rewrite_asm(path: pathlib.Path, text: str) -> str:
+    def one(m) -> str:
+        template = " ".join(m.group(1).replace("\\n", " ").split())
+        assert template in _ASM, f"{path}: inline PTX the emulator lacks: {template!r}"
+        parts = m.group(2).split(":")
+        inputs = parts[2] if len(parts) > 2 else ""
+        args = []
+        for op in _OPERAND.finditer(inputs):
+            end = _balanced(inputs, op.end() - 1)
+            args.append(inputs[op.end():end - 1].strip())
+        return _ASM[template].format(*args) + ";"
+
+    return _ASM_STMT.sub(one, text)
 
 
 def _rewrite_launches(text: str) -> tuple[str, int]:
@@ -97,6 +156,8 @@ def transform(path: pathlib.Path, text: str) -> str:
     if path.suffix in (".cu", ".cuh") or path.name == "launch.h":
         text, n = _rewrite_launches(text)
         assert "<<<" not in text, f"{path}: a launch the rewrite missed"
+        text = _rewrite_asm(path, text)
+        assert "asm" not in re.sub(r"//.*", "", text).split(), f"{path}: asm the rewrite missed"
         text = _DYN_SMEM.sub(r"\1* \2 = ::emu::dyn_smem<\1>();", text)
         assert "extern __shared__" not in text, f"{path}: dynamic shared memory not rewritten"
         text = _static_smem(path, text)
@@ -122,9 +183,29 @@ def _write(dst: pathlib.Path, text: str):
         dst.write_text(text)
 
 
-def load(verbose=False):
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize=vptr",
+            "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+
+
+def sanitizer_preload() -> str:
+    """The ASan runtime of the compiler that builds the module (for LD_PRELOAD)."""
+    cxx = os.environ.get("CXX", "c++")
+    path = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True,
+                          text=True, timeout=60).stdout.strip()
+    if not os.path.isabs(path) or not os.path.exists(path):
+        raise RuntimeError(f"{cxx} has no AddressSanitizer runtime (libasan.so)")
+    return os.path.realpath(path)
+
+
+def load(verbose=False, sanitize=None):
+    """The emulator module; sanitize (default: env MBX_EMU_SANITIZE=1) builds the
+    instrumented one, in its own directory."""
     from torch.utils import cpp_extension
-    out = ROOT / "build" / "cuda_emu"
+    if sanitize is None:
+        sanitize = os.environ.get("MBX_EMU_SANITIZE") == "1"
+    out = ROOT / "build" / ("cuda_emu_sanitized" if sanitize else "cuda_emu")
+    if sanitize:  # the compilers need no sanitizer runtime (under ASan's, they run slower)
+        os.environ.pop("LD_PRELOAD", None)
     src = out / "src"
     for p in CSRC.rglob("*"):
         if p.suffix in (".h", ".cuh") or p.relative_to(CSRC).as_posix() in UNITS:
@@ -136,13 +217,15 @@ def load(verbose=False):
         calls="\n".join(f"  mbx::emu_bind_{b}(m);" for b in binds)))
     sources = [str(src / "emu_module.cpp"), str(HERE / "pw_fused_stub.cpp")]
     sources += [str(src / _unit_name(pathlib.Path(u))) for u in UNITS]
-    flags = ["-O2", "-fno-strict-aliasing", "-ffp-contract=off", "-DMBX_WITH_CUDA",
-             "-Wno-unused-function", "-Wno-attributes"]
+    flags = ["-O1" if sanitize else "-O2", "-fno-strict-aliasing", "-ffp-contract=off",
+             "-DMBX_WITH_CUDA", "-Wno-unused-function", "-Wno-attributes"]
     cuda_include = _cuda_include()
     return cpp_extension.load(
-        name="mbx_cuda_emu", sources=sources, build_directory=str(_mkdir(out / "obj")),
+        name="mbx_cuda_emu_sanitized" if sanitize else "mbx_cuda_emu", sources=sources,
+        build_directory=str(_mkdir(out / "obj")),
         extra_include_paths=[str(HERE / "shadow"), str(src), cuda_include],
-        extra_cflags=flags, with_cuda=False, verbose=verbose)
+        extra_cflags=flags + (SANITIZE if sanitize else []),
+        extra_ldflags=SANITIZE if sanitize else [], with_cuda=False, verbose=verbose)
 
 
 def _mkdir(p):
@@ -169,4 +252,5 @@ def _cuda_include():
 
 
 if __name__ == "__main__":
-    print(load(verbose=True))
+    import sys
+    print(load(verbose=True, sanitize="--sanitize" in sys.argv or None))

@@ -17,7 +17,9 @@
 // cudaFuncSetAttribute raised it for that kernel, grid and block limits, the SM
 // count (MBX_EMU_SMS, default 4: small grids, so the kernels' loops over several
 // tiles per block run). Static __shared__ arrays are poisoned at every block's start
-// too. Not modelled: timing, the memory model, warp-synchronous code without
+// too. Shared memory is allocated at its exact size (dynamic: 128-byte aligned), so that
+// a build with AddressSanitizer (build.py's sanitize) reports any access past it, as it
+// does for the tensors' memory; the fiber switches are announced to ASan. Not modelled: timing, the memory model, warp-synchronous code without
 // shuffles, bank conflicts, and the GPU's floating-point contraction (the host
 // compiles with -ffp-contract=off).
 #pragma once
@@ -26,6 +28,10 @@
 #include <ucontext.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#endif
 
 #include <algorithm>
 #include <array>
@@ -57,6 +63,20 @@ struct Fiber {
   ucontext_t ctx;
   std::unique_ptr<char[]> stack;
   State state = State::kRun;
+  void* fake_stack = nullptr;  // ASan's, while the fiber is switched out
+  // cp.async: this thread's copies not yet committed, and its committed groups not yet
+  // waited for (oldest first)
+  struct Copy {
+    unsigned char* dst;
+    const unsigned char* src;
+    int bytes;  // read from src; the rest of the 16 are zero
+  };
+  std::vector<Copy> open;
+  std::vector<std::vector<Copy>> groups;
+};
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
 };
 
 constexpr size_t kStack = 256 * 1024;
@@ -64,8 +84,10 @@ constexpr size_t kStack = 256 * 1024;
 struct Block {
   std::vector<Fiber> fibers;  // kept across blocks: the stacks are reused
   std::vector<std::array<unsigned char, 16>> slots;  // one per thread, for shuffles
-  std::vector<unsigned char> smem;
+  std::unique_ptr<unsigned char, FreeDeleter> smem;  // dynamic shared memory, exact size
   ucontext_t sched;
+  const void* sched_stack = nullptr;  // the scheduler's stack, for ASan's switches back
+  size_t sched_stack_size = 0;
   const std::function<void()>* body = nullptr;
   unsigned cur = 0;
 };
@@ -80,10 +102,45 @@ inline int sms() {
   return v ? std::atoi(v) : 4;
 }
 
+// Fiber switches, announced to AddressSanitizer when it is on (it keeps shadow state
+// per stack): the scheduler's switch to fiber i and back, and the fiber's side of
+// them (entered: at its start and after every switch back to it; leaving: to wait, or
+// for good when it returns).
+inline void switch_to_fiber(Block& b, unsigned i) {
+#ifdef EMU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, b.fibers[i].stack.get(), kStack);
+#endif
+  swapcontext(&b.sched, &b.fibers[i].ctx);
+#ifdef EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
+
+inline void fiber_entered(Fiber& f) {
+#ifdef EMU_ASAN
+  __sanitizer_finish_switch_fiber(f.fake_stack, &g_blk->sched_stack, &g_blk->sched_stack_size);
+#else
+  (void)f;
+#endif
+}
+
+inline void fiber_leaving(Fiber& f, bool for_good) {
+#ifdef EMU_ASAN
+  __sanitizer_start_switch_fiber(for_good ? nullptr : &f.fake_stack, g_blk->sched_stack,
+                                 g_blk->sched_stack_size);
+#else
+  (void)f;
+  (void)for_good;
+#endif
+}
+
 inline void wait(State why) {
   Fiber& f = g_blk->fibers[g_blk->cur];
   f.state = why;
+  fiber_leaving(f, false);
   swapcontext(&f.ctx, &g_blk->sched);
+  fiber_entered(f);
 }
 
 inline void syncthreads() { wait(State::kBlockBar); }
@@ -104,8 +161,11 @@ inline T shfl_down(unsigned /*mask*/, T v, int delta, int width = 32) {
 }
 
 inline void fiber_main() {
+  fiber_entered(g_blk->fibers[g_blk->cur]);
   (*g_blk->body)();
-  g_blk->fibers[g_blk->cur].state = State::kDone;  // uc_link returns to the scheduler
+  Fiber& f = g_blk->fibers[g_blk->cur];
+  f.state = State::kDone;
+  fiber_leaving(f, true);  // uc_link returns to the scheduler
 }
 
 // The block's static __shared__ arrays (build.py rewrites each declaration into a
@@ -116,7 +176,7 @@ inline std::map<std::string, std::vector<unsigned char>> g_static_smem;
 template <typename A>
 inline A& shared(const char* key) {
   auto& buf = g_static_smem[key];
-  if (buf.empty()) buf.assign(sizeof(A) + 16, 0xFF);
+  if (buf.empty()) buf.assign(sizeof(A), 0xFF);
   return *reinterpret_cast<A*>(buf.data());
 }
 
@@ -140,6 +200,9 @@ inline bool run_block(unsigned n, const uint3& bid, const std::function<void()>&
     f.ctx.uc_link = &b.sched;
     makecontext(&f.ctx, fiber_main, 0);
     f.state = State::kRun;
+    f.fake_stack = nullptr;
+    f.open.clear();
+    f.groups.clear();
   }
   t_block = bid;
   for (;;) {
@@ -150,7 +213,7 @@ inline bool run_block(unsigned n, const uint3& bid, const std::function<void()>&
       t_linear = i;
       t_thread = uint3{i % g_block_dim.x, (i / g_block_dim.x) % g_block_dim.y,
                        i / (g_block_dim.x * g_block_dim.y)};
-      swapcontext(&b.sched, &b.fibers[i].ctx);
+      switch_to_fiber(b, i);
     }
     // every thread now waits or is done: release the barriers that are complete
     bool released = false, all_done = true, all_block = true;
@@ -183,7 +246,61 @@ inline bool run_block(unsigned n, const uint3& bid, const std::function<void()>&
 
 template <typename T>
 inline T* dyn_smem() {
-  return reinterpret_cast<T*>(g_blk->smem.data());
+  return reinterpret_cast<T*>(g_blk->smem.get());
+}
+
+// cp.async (sm_80): build.py rewrites the PTX (asm) into these. A copy lands at the
+// issuing thread's cp.async.wait_group that covers it (the latest a GPU may land it:
+// a read of the destination before that wait, or by another thread before the barrier
+// after it, sees the poison or the old data) in the default thread order, and at once
+// under MBX_EMU_ORDER=reverse (the earliest: an overwrite of a buffer other threads
+// still read shows). __cvta_generic_to_shared gives the offset in the block's dynamic
+// shared memory, the only place the kernels copy to.
+inline size_t g_smem_bytes = 0;
+inline bool g_reverse = false;  // the launch's MBX_EMU_ORDER
+
+inline unsigned cvta_shared(const void* p) {
+  const auto* b = g_blk->smem.get();
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < b || c > b + g_smem_bytes) {
+    std::fprintf(stderr, "emu: __cvta_generic_to_shared of a pointer outside dynamic shared "
+                 "memory\n");
+    std::abort();
+  }
+  return unsigned(c - b);
+}
+
+inline void land(const Fiber::Copy& c) {
+  std::memcpy(c.dst, c.src, size_t(c.bytes));
+  std::memset(c.dst + c.bytes, 0, size_t(16 - c.bytes));
+}
+
+inline void cp_async(unsigned dst, const void* src, int src_bytes) {
+  if (dst % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0 || size_t(dst) + 16 > g_smem_bytes ||
+      src_bytes < 0 || src_bytes > 16) {
+    std::fprintf(stderr, "emu: cp.async of 16 bytes to shared offset %u (of %zu) from %p: "
+                 "misaligned or out of bounds\n", dst, g_smem_bytes, src);
+    std::abort();
+  }
+  const Fiber::Copy c{g_blk->smem.get() + dst, static_cast<const unsigned char*>(src), src_bytes};
+  if (g_reverse)
+    land(c);
+  else
+    g_blk->fibers[g_blk->cur].open.push_back(c);
+}
+
+inline void cp_async_commit() {
+  Fiber& f = g_blk->fibers[g_blk->cur];
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+inline void cp_async_wait(int newest_pending) {
+  Fiber& f = g_blk->fibers[g_blk->cur];
+  while (f.groups.size() > size_t(std::max(newest_pending, 0))) {
+    for (const auto& c : f.groups.front()) land(c);
+    f.groups.erase(f.groups.begin());
+  }
 }
 
 inline cudaError_t fail(cudaError_t e) {
@@ -216,11 +333,16 @@ struct Launch {
     g_block_dim = block;
     g_grid_dim = grid;
     const bool reverse = reverse_order();
+    g_reverse = reverse;
     for (unsigned bz = 0; bz < grid.z; ++bz)
       for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
           g_blk->slots.assign(n, {});
-          g_blk->smem.assign(smem + 16, 0xFF);
+          void* p = nullptr;
+          if (posix_memalign(&p, 128, smem ? smem : 1) != 0) throw std::bad_alloc();
+          std::memset(p, 0xFF, smem);
+          g_blk->smem.reset(static_cast<unsigned char*>(p));
+          g_smem_bytes = smem;
           g_static_smem.clear();
           if (!run_block(n, uint3{bx, by, bz}, body, reverse)) {
             std::fprintf(stderr, "emu: %s block (%u,%u,%u): threads wait at different "
@@ -296,6 +418,7 @@ inline cudaError_t occupancy(int* blocks, F*, int, size_t) {
 #define blockDim (::emu::g_block_dim)
 #define gridDim (::emu::g_grid_dim)
 #define __syncthreads() ::emu::syncthreads()
+#define __cvta_generic_to_shared(p) ::emu::cvta_shared(p)
 #define __shfl_down_sync(mask, v, ...) ::emu::shfl_down(mask, v, __VA_ARGS__)
 #define __fmul_rn(a, b) ((a) * (b))
 #define __dmul_rn(a, b) ((a) * (b))
