@@ -1,13 +1,17 @@
-"""The depthwise op's CUDA kernels run on the CPU: csrc/cuda compiled as host C++ with
-every CUDA thread a fiber (tests/cuda_emu/emu.h, build.py), and the CUDA
-implementation (dw_conv_cuda.cpp, unchanged) called on CPU tensors. It checks what a
-CPU can see of GPU code never run on a GPU: index math, bounds, tile choices,
-barriers, the shared-memory layouts and the fixed-order reductions of every
-depthwise path (scalar, vector strips, shared-memory tiles), forward and backward,
-against the float64 reference, with every output poisoned (NaN) before the kernels.
+"""The ops' CUDA kernels run on the CPU: csrc/cuda compiled as host C++ with every
+CUDA thread a fiber (tests/cuda_emu/emu.h, build.py), and the CUDA implementations
+(dw_conv_cuda.cpp, pw_conv_cuda.cpp, unchanged) called on CPU tensors. It checks what
+a CPU can see of GPU code never run on a GPU: index math, bounds, tile choices,
+barriers, the cp.async pipelines, the shared-memory layouts and the fixed-order
+reductions of every depthwise path (scalar, vector strips, shared-memory tiles) and
+every pointwise kernel (the epilogues around cuBLAS's GEMM, done by at::mm here, and
+the tensor-core eval kernel through shadow/mma.h), forward and backward, against the
+float64 reference, with every output poisoned (NaN) before the kernels.
+test_cuda_emu_sanitized.py runs a subset under ASan and UBSan.
 
 It does not replace the GPU tests (tests/test_vec_paths.py): no timing, no memory
-model, no fp contraction, one block at a time (emu.h says what it models)."""
+model beyond barriers and cp.async, no fp contraction, one block at a time (emu.h
+says what it models)."""
 import os
 import pathlib
 import sys
@@ -39,7 +43,8 @@ def emu():
 def poisoned(monkeypatch):
     """Every tensor the op allocates (outputs, workspaces) starts as NaN."""
     for k in ("MOBILENET_EXT_VEC", "MOBILENET_EXT_DW_TILE", "MOBILENET_EXT_DW_TILE_SPLIT",
-              "MBX_EMU_SMS", "MBX_EMU_TRACE", "MBX_EMU_ORDER"):
+              "MOBILENET_EXT_PW_FUSED", "MOBILENET_EXT_PW_SAVE", "MBX_EMU_SMS", "MBX_EMU_TRACE",
+              "MBX_EMU_ORDER"):
         monkeypatch.delenv(k, raising=False)
     det, fill = torch.are_deterministic_algorithms_enabled(), \
         torch.utils.deterministic.fill_uninitialized_memory
@@ -193,7 +198,8 @@ PW_CASES = [(2, 16, 24, 7, 9, False), (1, 17, 40, 5, 5, True), (2, 96, 24, 6, 6,
             (1, 8, 3, 4, 5, False)]
 
 
-def _run_pw(emu, capfd, case, channels_last, dtype, training, save_conv, misaligned=False):
+def _run_pw(emu, capfd, case, channels_last, dtype, training, save_conv, misaligned=False,
+            act=None):
     """The pointwise op's forward and backward through the emulated CUDA implementation
     against the float64 reference; returns the kernels that ran. misaligned: x, the
     residual and dy start off a 16-byte boundary."""
@@ -207,7 +213,7 @@ def _run_pw(emu, capfd, case, channels_last, dtype, training, save_conv, misalig
     rm, rv = torch.randn(cout, generator=g) * 0.1, torch.rand(cout, generator=g) + 0.5
     res = moved(torch.randn(n, cout, h, w, generator=g).to(dtype).contiguous(memory_format=fmt)) \
         if with_res else None
-    act = "identity" if with_res else "relu6"
+    act = act or ("identity" if with_res else "relu6")
     os.environ["MBX_EMU_TRACE"] = "1"
     capfd.readouterr()
     y, mean, invstd, conv = emu.pw_fwd(x, weight, gamma, beta, rm, rv, res, training, 1e-5, act,
@@ -244,12 +250,13 @@ def _run_pw(emu, capfd, case, channels_last, dtype, training, save_conv, misalig
 def test_pointwise_epilogues(emu, capfd, monkeypatch, case, channels_last, path, dtype,
                              training, save_conv):
     """The pointwise op's CUDA implementation with the GEMM on the CPU (at::mm in
-    cuBLAS's place; the tensor-core eval kernel is not emulated) and its epilogue
+    cuBLAS's place; the tensor-core eval kernel is off: its own test below) and its epilogue
     kernels emulated: statistics, apply (+ residual), the backward sums and dc, with the
     conv output recomputed or kept (MOBILENET_EXT_PW_SAVE's path, save_conv), against
     the float64 reference."""
     if path == "scalar":
         monkeypatch.setenv("MOBILENET_EXT_VEC", "0")
+    monkeypatch.setenv("MOBILENET_EXT_PW_FUSED", "0")  # test_pointwise_fused_eval's
     monkeypatch.setenv("MBX_EMU_ORDER", "reverse" if save_conv else "forward")
     trace = _run_pw(emu, capfd, case, channels_last, dtype, training, save_conv)
     cout = case[2]
@@ -269,7 +276,42 @@ def test_misaligned_tensors(emu, capfd, monkeypatch, dtype, training):
             trace = _run(emu, capfd, case, dtype, True, training, misaligned=True)
             assert "emu launch" in trace and "vec_" not in trace and "dw_tile" not in trace, \
                 trace
+    monkeypatch.setenv("MOBILENET_EXT_PW_FUSED", "0")  # test_pointwise_fused_acts_misaligned's
     for save_conv in (False, True):
         trace = _run_pw(emu, capfd, (2, 16, 24, 7, 9, True), True, dtype, training, save_conv,
                         misaligned=True)
         assert "vec_" not in trace, trace
+
+
+# (n, cin, cout, h, w, residual): one K chunk and one channel tile; Cin 17 and Cout 40
+# off the 16-byte paths; Cin 40 a partial K chunk (its last k-step skipped), Cout 96 a
+# half-idle second channel tile; 2x13x11 = 286 pixels, a partial third pixel tile
+FUSED_CASES = [(2, 16, 24, 7, 9, False), (1, 17, 40, 5, 5, True), (2, 40, 96, 13, 11, True),
+               (2, 96, 24, 6, 6, True), (1, 8, 3, 4, 5, False)]
+
+
+@pytest.mark.parametrize("sms", ["4", "1"])
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_name)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_pointwise_fused_eval(emu, capfd, monkeypatch, case, dtype, order, sms):
+    """The tensor-core eval kernel (pw_fused.cu: WMMA through shadow/mma.h, the cp.async
+    pipeline of emu.h) against the float64 reference: 16-byte and scalar loads and
+    stores, partial K chunks, pixel and channel tiles, with the residual; on one SM
+    (two resident blocks) every block streams several tiles through the pipeline."""
+    monkeypatch.setenv("MOBILENET_EXT_PW_FUSED", "1")  # also where Cout < Cin
+    monkeypatch.setenv("MBX_EMU_ORDER", order)
+    monkeypatch.setenv("MBX_EMU_SMS", sms)
+    trace = _run_pw(emu, capfd, case, True, dtype, False, False)
+    assert "pw_fused_kernel" in trace, trace
+
+
+@pytest.mark.parametrize("act", ["relu6", "relu", "hardswish", "silu", "identity"])
+def test_pointwise_fused_acts_misaligned(emu, capfd, monkeypatch, act):
+    """Every activation of the fused kernel's epilogue, and x, residual off a 16-byte
+    boundary (the scalar loads and stores)."""
+    monkeypatch.setenv("MOBILENET_EXT_PW_FUSED", "1")
+    for misaligned in (False, True):
+        trace = _run_pw(emu, capfd, (1, 24, 32, 5, 7, True), True, torch.float16, False, False,
+                        misaligned=misaligned, act=act)
+        assert "pw_fused_kernel" in trace, trace

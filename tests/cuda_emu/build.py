@@ -20,16 +20,17 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CSRC = ROOT / "csrc"
 # the depthwise op's CUDA implementation and what it calls
-# the CUDA implementations of both ops (*_cuda.cpp) and what they call; the
-# pointwise eval kernel on tensor cores (pw_fused.cu: WMMA, cp.async) is not
-# emulated: pw_fused_stub.cpp says it is unsupported, so that path takes cuBLAS's
-# place (at::mm on the CPU tensors) + the epilogue kernels, as on a GPU before sm_80
+# the CUDA implementations of both ops (*_cuda.cpp) and every kernel they launch: the
+# pointwise eval kernel on tensor cores (pw_fused.cu) with shadow/mma.h's WMMA; the
+# GEMMs of the other pointwise paths are cuBLAS's (at::mm on the CPU tensors here)
 UNITS = ["host.cpp", "cuda/dw_conv_cuda.cpp", "cuda/pw_conv_cuda.cpp", "cuda/dw_conv.cu",
-         "cuda/dw_vec.cu", "cuda/dw_tile.cu", "cuda/bn_fold.cu", "cuda/pw_conv.cu"]
+         "cuda/dw_vec.cu", "cuda/dw_tile.cu", "cuda/bn_fold.cu", "cuda/pw_conv.cu",
+         "cuda/pw_fused.cu"]
 
 _NAME = r"[A-Za-z_][\w:]*(?:\s*<(?:[^<>;]|<(?:[^<>;]|<[^<>;]*>)*>)*>)?"
 _LAUNCH = re.compile(rf"({_NAME})\s*<<<(.*?)>>>", re.S)
-_DYN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\[\];")
+_DYN_SMEM = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?((?:\w+\s+)*?\w+)\s+(\w+)\[\];")
 _STATIC_SMEM = re.compile(r"__shared__\s+(\w+)\s+([^;]+);")
 _DECLARATOR = re.compile(r"(\w+)((?:\[[^\]]+\])+)")
 _REGISTER = re.compile(r"TORCH_LIBRARY_IMPL\(mobilenet_ext, CUDA, m\) \{.*?\n\}", re.S)
@@ -53,6 +54,7 @@ TORCH_LIBRARY_IMPL(aten, CPU, m) {{
 // The sanitizers' own check: one emulated thread reads past the end of a float64
 // tensor ("oob") or loads 16 bytes from an address 8 bytes into it ("misaligned").
 #include "cuda/emu.h"
+cudaError_t emu::last_error_extern() {{ return ::emu::get_last_error(); }}
 static double probe(const std::string& kind, const at::Tensor& t) {{
   const double* p = t.const_data_ptr<double>();
   const int64_t n = t.numel();
@@ -215,7 +217,7 @@ def load(verbose=False, sanitize=None):
     _write(src / "emu_module.cpp", _MODULE.format(
         decls="\n".join(f"void emu_bind_{b}(pybind11::module_& m);" for b in binds),
         calls="\n".join(f"  mbx::emu_bind_{b}(m);" for b in binds)))
-    sources = [str(src / "emu_module.cpp"), str(HERE / "pw_fused_stub.cpp")]
+    sources = [str(src / "emu_module.cpp")]
     sources += [str(src / _unit_name(pathlib.Path(u))) for u in UNITS]
     flags = ["-O1" if sanitize else "-O2", "-fno-strict-aliasing", "-ffp-contract=off",
              "-DMBX_WITH_CUDA", "-Wno-unused-function", "-Wno-attributes"]

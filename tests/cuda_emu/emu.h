@@ -6,22 +6,25 @@
 //
 // What it models: the blocks of a grid one after another; a block's threads each run
 // until they wait at __syncthreads (all threads that have not returned must arrive,
-// as on the GPU; a thread that returns leaves the barrier) or at a warp shuffle (the
-// warp's live lanes), or return; a barrier that can never complete (threads of one
-// block waiting at different barriers) is reported as a launch error. Between
-// barriers threads run one after another, in the order MBX_EMU_ORDER gives
+// as on the GPU; a thread that returns leaves the barrier), at a warp shuffle or
+// __syncwarp (the warp's live lanes), or return; a barrier that can never complete
+// (threads of one block waiting at different barriers) is reported as a launch error.
+// Between barriers threads run one after another, in the order MBX_EMU_ORDER gives
 // ("forward", the default, or "reverse"): a read of another thread's shared-memory
 // write without a barrier between them sees the write in one order and not in the
 // other (poison: dynamic shared memory is 0xFF, NaN in every float type, at every
-// block's start). Also modelled: the 48 KB dynamic shared memory limit unless
-// cudaFuncSetAttribute raised it for that kernel, grid and block limits, the SM
-// count (MBX_EMU_SMS, default 4: small grids, so the kernels' loops over several
-// tiles per block run). Static __shared__ arrays are poisoned at every block's start
-// too. Shared memory is allocated at its exact size (dynamic: 128-byte aligned), so that
-// a build with AddressSanitizer (build.py's sanitize) reports any access past it, as it
-// does for the tensors' memory; the fiber switches are announced to ASan. Not modelled: timing, the memory model, warp-synchronous code without
-// shuffles, bank conflicts, and the GPU's floating-point contraction (the host
-// compiles with -ffp-contract=off).
+// block's start). cp.async copies land at the wait_group that covers them in the
+// forward order, at once in the reverse one (see cp_async). WMMA: shadow/mma.h. Also
+// modelled: the 48 KB dynamic shared memory limit unless cudaFuncSetAttribute raised
+// it for that kernel, grid and block limits, the SM count (MBX_EMU_SMS, default 4:
+// small grids, so the kernels' loops over several tiles per block run). Static
+// __shared__ arrays are poisoned at every block's start too. Shared memory is
+// allocated at its exact size (dynamic: 128-byte aligned), so that a build with
+// AddressSanitizer (build.py's sanitize) reports any access past it, as it does for
+// the tensors' memory; the fiber switches are announced to ASan. Not modelled:
+// timing, the memory model beyond the above, warp-synchronous code without shuffles
+// or __syncwarp, bank conflicts, register limits, and the GPU's floating-point
+// contraction (the host compiles with -ffp-contract=off).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -144,6 +147,11 @@ inline void wait(State why) {
 }
 
 inline void syncthreads() { wait(State::kBlockBar); }
+
+// __syncwarp: every lane of the warp that has not returned arrives (as at a shuffle)
+inline void syncwarp() { wait(State::kWarpBar); }
+
+inline unsigned lane() { return t_linear % 32; }
 
 template <typename T>
 inline T shfl_down(unsigned /*mask*/, T v, int delta, int width = 32) {
@@ -364,6 +372,7 @@ inline cudaError_t get_last_error() {
   g_error = cudaSuccess;
   return e;
 }
+cudaError_t last_error_extern();  // get_last_error for the units without this header
 
 // cudaFuncSetAttribute(kernel, attr, value), keyed by the kernel's text as the launch
 // is (the text before the attribute's name)
@@ -389,6 +398,16 @@ inline cudaError_t device_get_attribute(int* v, cudaDeviceAttr attr, int) {
     return cudaSuccess;
   }
   return fail(cudaErrorInvalidValue);
+}
+
+// cudaFuncGetAttributes: the binary version of an sm_90 build (what pw_fused_supported
+// asks); the rest zero
+template <typename F>
+inline cudaError_t func_get_attributes(cudaFuncAttributes* a, F*) {
+  *a = cudaFuncAttributes{};
+  a->binaryVersion = 90;
+  a->ptxVersion = 90;
+  return cudaSuccess;
 }
 
 template <typename F>
@@ -425,6 +444,8 @@ inline cudaError_t occupancy(int* blocks, F*, int, size_t) {
 #define cudaGetLastError ::emu::get_last_error
 #define cudaFuncSetAttribute(...) ::emu::func_set_attribute(#__VA_ARGS__, __VA_ARGS__)
 #define cudaGetDevice ::emu::get_device
+#define cudaFuncGetAttributes ::emu::func_get_attributes
+#define __syncwarp(...) ::emu::syncwarp()
 #define cudaDeviceGetAttribute ::emu::device_get_attribute
 #define cudaOccupancyMaxActiveBlocksPerMultiprocessor ::emu::occupancy
 
