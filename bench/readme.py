@@ -85,11 +85,26 @@ def render(path: str, data: dict) -> str:
                          f"{num(m['peak_mb'], 4)} | "
                          f"{'-' if m['speedup'] is None else format(m['speedup'], '.2f') + 'x'} |")
         lines.append("")
-    skipped = sorted({(r["provider"], r["reason"]) for r in data["rows"] + data.get("models", [])
-                      if r["status"] == "skipped"})
-    if skipped:
-        lines += ["Not run: " + "; ".join(f"{p} ({why})" for p, why in skipped) + "."]
+    lines += _not_run(data)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _not_run(data) -> list[str]:
+    """One entry per skipped provider: its reason, or, where the layer rows and the
+    model rows skipped it for different reasons, both, named."""
+    reasons: dict[str, dict[str, None]] = {}
+    for where, rows in (("layers", data["rows"]), ("models", data.get("models", []))):
+        for r in rows:
+            if r["status"] == "skipped":
+                reasons.setdefault(r["provider"], {})[f"{where}: {r['reason']}"] = None
+    if not reasons:
+        return []
+    entries = []
+    for provider in sorted(reasons):
+        whys = list(reasons[provider])
+        plain = {why.split(": ", 1)[1] for why in whys}
+        entries.append(f"{provider} ({next(iter(plain)) if len(plain) == 1 else '; '.join(whys)})")
+    return ["Not run: " + "; ".join(entries) + "."]
 
 
 def updated(readme: str, section: str) -> str:

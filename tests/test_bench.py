@@ -501,3 +501,19 @@ def test_block_table_matches_mobilenet_v2():
     assert labels[0] == "block 32->16 t1 s1@112x112"
     assert "block 24->24 t6 s1@56x56 +res" in labels and "block 160->320 t6 s1@7x7" in labels
     assert [shape for _, _, shape, _ in blocks][:2] == [(32, 112, 112), (16, 112, 112)]
+
+
+def test_readme_not_run_line_names_each_provider_once():
+    """A provider the layer and model rows skipped for different reasons is one entry
+    with both reasons; the same reason twice is said once."""
+    from bench import readme
+
+    def row(provider, reason):
+        return {"provider": provider, "status": "skipped", "reason": reason}
+
+    data = {"rows": [row("compile", "slow"), row("folded", "eval only"), row("folded", "eval only"),
+                     {"provider": "ours", "status": "ok", "reason": None}],
+            "models": [row("compile", "not in the set"), row("folded", "eval only")]}
+    assert readme._not_run(data) == [
+        "Not run: compile (layers: slow; models: not in the set); folded (eval only)."]
+    assert readme._not_run({"rows": [], "models": []}) == []
