@@ -65,9 +65,107 @@ static double probe(const std::string& kind, const at::Tensor& t) {{
   }});
   return r;
 }}
+#ifdef EMU_PROFILE
+// profile.h's hooks: the calls -fsanitize=kernel-address puts before every access of
+// the instrumented units (not themselves instrumented)
+#define EMU_HOOK(n)                                                                    \
+  extern "C" __attribute__((no_sanitize_address)) void __asan_load##n##_noabort(void* p) {{  \
+    if (!::emu::prof::g_on) return;                                                   \
+    ::emu::prof::g_on = false;                                                        \
+    ::emu::prof_access(__builtin_return_address(0), p, n, false);                     \
+    ::emu::prof::g_on = true;                                                         \
+  }}                                                                                   \
+  extern "C" __attribute__((no_sanitize_address)) void __asan_store##n##_noabort(void* p) {{ \
+    if (!::emu::prof::g_on) return;                                                   \
+    ::emu::prof::g_on = false;                                                        \
+    ::emu::prof_access(__builtin_return_address(0), p, n, true);                      \
+    ::emu::prof::g_on = true;                                                         \
+  }}
+EMU_HOOK(1)
+EMU_HOOK(2)
+EMU_HOOK(4)
+EMU_HOOK(8)
+EMU_HOOK(16)
+extern "C" __attribute__((no_sanitize_address)) void __asan_loadN_noabort(void* p, size_t n) {{
+  if (!::emu::prof::g_on) return;
+  ::emu::prof::g_on = false;
+  ::emu::prof_access(__builtin_return_address(0), p, uint32_t(n), false);
+  ::emu::prof::g_on = true;
+}}
+extern "C" __attribute__((no_sanitize_address)) void __asan_storeN_noabort(void* p, size_t n) {{
+  if (!::emu::prof::g_on) return;
+  ::emu::prof::g_on = false;
+  ::emu::prof_access(__builtin_return_address(0), p, uint32_t(n), true);
+  ::emu::prof::g_on = true;
+}}
+extern "C" void __asan_handle_no_return() {{}}
+extern "C" void __asan_before_dynamic_init(const char*) {{}}
+extern "C" void __asan_after_dynamic_init() {{}}
+
+// {{kernel: {{"shared_load"|"shared_store"|"global_load"|"global_store": {{access bytes:
+//   (requests, wavefronts or sectors, ideal, bytes)}}}}}}, and the totals cleared
+static pybind11::dict profile_take() {{
+  pybind11::dict out;
+  const char* names[2][2] = {{{{"global_load", "global_store"}}, {{"shared_load", "shared_store"}}}};
+  for (const auto& kv : ::emu::prof::g_totals) {{
+    pybind11::dict k;
+    for (int sh = 0; sh < 2; ++sh)
+      for (int st = 0; st < 2; ++st) {{
+        pybind11::dict by_size;  // access size in bytes (0: other sizes) -> counts
+        for (int z = 0; z < 6; ++z) {{
+          const auto& c = kv.second.c[sh][st][z];
+          if (c.requests)
+            by_size[pybind11::int_(z < 5 ? 1 << z : 0)] =
+                pybind11::make_tuple(c.requests, c.units, c.ideal, c.bytes);
+        }}
+        k[names[sh][st]] = by_size;
+      }}
+    out[pybind11::str(kv.first)] = k;
+  }}
+  ::emu::prof::g_totals.clear();
+  for (const auto& kv : ::emu::prof::g_by_pc) {{
+    const auto& c = kv.second;
+    std::fprintf(stderr, "emu pc %s 0x%lx %s %s %uB req %lu units %lu ideal %lu\\n",
+                 std::get<0>(kv.first).c_str(), (unsigned long)std::get<1>(kv.first),
+                 std::get<2>(kv.first) ? "shared" : "global", std::get<3>(kv.first) ? "store" : "load",
+                 std::get<4>(kv.first), (unsigned long)c.requests, (unsigned long)c.units,
+                 (unsigned long)c.ideal);
+  }}
+  ::emu::prof::g_by_pc.clear();
+  return out;
+}}
+
+// profile.h's own check: one warp; lane l loads `bytes` (4 or 16) from shared memory
+// at byte l * shared_stride and from t at byte l * global_stride
+static void profile_probe(const at::Tensor& t, int64_t bytes, int64_t shared_stride,
+                          int64_t global_stride) {{
+  const auto* g = static_cast<const unsigned char*>(t.const_data_ptr());
+  const size_t smem = size_t(32 * shared_stride + 16);
+  TORCH_CHECK(t.nbytes() >= size_t(32 * global_stride + 16), "probe tensor too small");
+  ::emu::launch("profile_probe", dim3(1), dim3(32), smem).run([=] {{
+    const auto* s = ::emu::dyn_smem<unsigned char>();
+    const unsigned l = threadIdx.x;
+    if (bytes == 16) {{
+      volatile uint4 a = *reinterpret_cast<const uint4*>(s + l * shared_stride);
+      volatile uint4 b = *reinterpret_cast<const uint4*>(g + l * global_stride);
+      (void)a;
+      (void)b;
+    }} else {{
+      volatile float a = *reinterpret_cast<const float*>(s + l * shared_stride);
+      volatile float b = *reinterpret_cast<const float*>(g + l * global_stride);
+      (void)a;
+      (void)b;
+    }}
+  }});
+}}
+#endif
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{
 {calls}
   m.def("probe", &probe);
+#ifdef EMU_PROFILE
+  m.def("profile_take", &profile_take);
+  m.def("profile_probe", &profile_probe);
+#endif
 }}
 """
 
@@ -199,20 +297,31 @@ def sanitizer_preload() -> str:
     return os.path.realpath(path)
 
 
-def load(verbose=False, sanitize=None):
+# profile.h's build: a call before every access (GCC's kernel-ASan mode with hooks of
+# our own), no shadow memory, no checks of globals or the stack
+PROFILE = ["-DEMU_PROFILE", "-fsanitize=kernel-address", "-fno-tree-sra",
+           "--param", "asan-instrumentation-with-call-threshold=0",
+           "--param", "asan-globals=0", "--param", "asan-stack=0"]
+
+
+def load(verbose=False, sanitize=None, profile=False):
     """The emulator module; sanitize (default: env MBX_EMU_SANITIZE=1) builds the
-    instrumented one, in its own directory."""
+    instrumented one, profile the access-counting one (profile.h), each in its own
+    directory."""
     from torch.utils import cpp_extension
     if sanitize is None:
         sanitize = os.environ.get("MBX_EMU_SANITIZE") == "1"
-    out = ROOT / "build" / ("cuda_emu_sanitized" if sanitize else "cuda_emu")
+    assert not (sanitize and profile), "one instrumentation at a time"
+    variant = "cuda_emu_sanitized" if sanitize else "cuda_emu_profile" if profile else "cuda_emu"
+    out = ROOT / "build" / variant
     if sanitize:  # the compilers need no sanitizer runtime (under ASan's, they run slower)
         os.environ.pop("LD_PRELOAD", None)
     src = out / "src"
     for p in CSRC.rglob("*"):
         if p.suffix in (".h", ".cuh") or p.relative_to(CSRC).as_posix() in UNITS:
             _write(src / _unit_name(p.relative_to(CSRC)), transform(p, p.read_text()))
-    _write(src / "cuda" / "emu.h", (HERE / "emu.h").read_text())
+    for header in ("emu.h", "profile.h"):
+        _write(src / "cuda" / header, (HERE / header).read_text())
     binds = [pathlib.Path(u).stem for u in UNITS if u.endswith("_cuda.cpp")]
     _write(src / "emu_module.cpp", _MODULE.format(
         decls="\n".join(f"void emu_bind_{b}(pybind11::module_& m);" for b in binds),
@@ -223,10 +332,9 @@ def load(verbose=False, sanitize=None):
              "-DMBX_WITH_CUDA", "-Wno-unused-function", "-Wno-attributes"]
     cuda_include = _cuda_include()
     return cpp_extension.load(
-        name="mbx_cuda_emu_sanitized" if sanitize else "mbx_cuda_emu", sources=sources,
-        build_directory=str(_mkdir(out / "obj")),
+        name="mbx_" + variant, sources=sources, build_directory=str(_mkdir(out / "obj")),
         extra_include_paths=[str(HERE / "shadow"), str(src), cuda_include],
-        extra_cflags=flags + (SANITIZE if sanitize else []),
+        extra_cflags=flags + (SANITIZE if sanitize else []) + (PROFILE if profile else []),
         extra_ldflags=SANITIZE if sanitize else [], with_cuda=False, verbose=verbose)
 
 
@@ -255,4 +363,5 @@ def _cuda_include():
 
 if __name__ == "__main__":
     import sys
-    print(load(verbose=True, sanitize="--sanitize" in sys.argv or None))
+    print(load(verbose=True, sanitize="--sanitize" in sys.argv or None,
+               profile="--profile" in sys.argv))

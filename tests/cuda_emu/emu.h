@@ -31,9 +31,18 @@
 #include <ucontext.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__SANITIZE_ADDRESS__) && !defined(EMU_PROFILE)  // EMU_PROFILE: kernel-ASan's calls
 #include <sanitizer/common_interface_defs.h>
 #define EMU_ASAN 1
+#endif
+#ifdef EMU_PROFILE
+#include "profile.h"
+// the emulator's own functions called from kernels: their accesses are not the kernel's
+#define EMU_QUIET const ::emu::prof::Quiet emu_quiet_
+#define EMU_NOINLINE __attribute__((noinline))
+#else
+#define EMU_QUIET
+#define EMU_NOINLINE
 #endif
 
 #include <algorithm>
@@ -139,6 +148,7 @@ inline void fiber_leaving(Fiber& f, bool for_good) {
 }
 
 inline void wait(State why) {
+  EMU_QUIET;
   Fiber& f = g_blk->fibers[g_blk->cur];
   f.state = why;
   fiber_leaving(f, false);
@@ -151,11 +161,15 @@ inline void syncthreads() { wait(State::kBlockBar); }
 // __syncwarp: every lane of the warp that has not returned arrives (as at a shuffle)
 inline void syncwarp() { wait(State::kWarpBar); }
 
-inline unsigned lane() { return t_linear % 32; }
+inline unsigned lane() {
+  EMU_QUIET;
+  return t_linear % 32;
+}
 
 template <typename T>
 inline T shfl_down(unsigned /*mask*/, T v, int delta, int width = 32) {
   static_assert(sizeof(T) <= 16, "shuffle of more than 16 bytes");
+  EMU_QUIET;
   const unsigned warp = t_linear / 32, lane = t_linear % 32;
   std::memcpy(g_blk->slots[t_linear].data(), &v, sizeof(T));
   wait(State::kWarpBar);
@@ -169,8 +183,14 @@ inline T shfl_down(unsigned /*mask*/, T v, int delta, int width = 32) {
 }
 
 inline void fiber_main() {
-  fiber_entered(g_blk->fibers[g_blk->cur]);
-  (*g_blk->body)();
+  const std::function<void()>* body;
+  {
+    EMU_QUIET;
+    fiber_entered(g_blk->fibers[g_blk->cur]);
+    body = g_blk->body;
+  }
+  (*body)();
+  EMU_QUIET;
   Fiber& f = g_blk->fibers[g_blk->cur];
   f.state = State::kDone;
   fiber_leaving(f, true);  // uc_link returns to the scheduler
@@ -183,6 +203,7 @@ inline std::map<std::string, std::vector<unsigned char>> g_static_smem;
 
 template <typename A>
 inline A& shared(const char* key) {
+  EMU_QUIET;
   auto& buf = g_static_smem[key];
   if (buf.empty()) buf.assign(sizeof(A), 0xFF);
   return *reinterpret_cast<A*>(buf.data());
@@ -221,7 +242,15 @@ inline bool run_block(unsigned n, const uint3& bid, const std::function<void()>&
       t_linear = i;
       t_thread = uint3{i % g_block_dim.x, (i / g_block_dim.x) % g_block_dim.y,
                        i / (g_block_dim.x * g_block_dim.y)};
+#ifdef EMU_PROFILE
+      prof::g_on = true;
+      std::atomic_signal_fence(std::memory_order_seq_cst);
       switch_to_fiber(b, i);
+      std::atomic_signal_fence(std::memory_order_seq_cst);
+      prof::g_on = false;
+#else
+      switch_to_fiber(b, i);
+#endif
     }
     // every thread now waits or is done: release the barriers that are complete
     bool released = false, all_done = true, all_block = true;
@@ -267,7 +296,19 @@ inline T* dyn_smem() {
 inline size_t g_smem_bytes = 0;
 inline bool g_reverse = false;  // the launch's MBX_EMU_ORDER
 
+#ifdef EMU_PROFILE
+// One access of the running thread for profile.h (the hooks in emu_module.cpp, and
+// cp.async's two halves); bytes 0: none (a zero-filling copy reads nothing).
+inline void prof_access(const void* pc, const void* addr, uint32_t bytes, bool store) {
+  if (bytes == 0) return;
+  const auto smem = reinterpret_cast<uintptr_t>(g_blk->smem.get());
+  prof::record(t_linear, reinterpret_cast<uintptr_t>(pc), reinterpret_cast<uintptr_t>(addr),
+               bytes, store, smem, smem + g_smem_bytes, g_static_smem);
+}
+#endif
+
 inline unsigned cvta_shared(const void* p) {
+  EMU_QUIET;
   const auto* b = g_blk->smem.get();
   const auto* c = static_cast<const unsigned char*>(p);
   if (c < b || c > b + g_smem_bytes) {
@@ -283,7 +324,12 @@ inline void land(const Fiber::Copy& c) {
   std::memset(c.dst + c.bytes, 0, size_t(16 - c.bytes));
 }
 
-inline void cp_async(unsigned dst, const void* src, int src_bytes) {
+EMU_NOINLINE inline void cp_async(unsigned dst, const void* src, int src_bytes) {
+  EMU_QUIET;
+#ifdef EMU_PROFILE
+  prof_access(__builtin_return_address(0), src, src_bytes > 0 ? 16 : 0, false);
+  prof_access(__builtin_return_address(0), g_blk->smem.get() + dst, 16, true);
+#endif
   if (dst % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0 || size_t(dst) + 16 > g_smem_bytes ||
       src_bytes < 0 || src_bytes > 16) {
     std::fprintf(stderr, "emu: cp.async of 16 bytes to shared offset %u (of %zu) from %p: "
@@ -298,12 +344,14 @@ inline void cp_async(unsigned dst, const void* src, int src_bytes) {
 }
 
 inline void cp_async_commit() {
+  EMU_QUIET;
   Fiber& f = g_blk->fibers[g_blk->cur];
   f.groups.push_back(std::move(f.open));
   f.open.clear();
 }
 
 inline void cp_async_wait(int newest_pending) {
+  EMU_QUIET;
   Fiber& f = g_blk->fibers[g_blk->cur];
   while (f.groups.size() > size_t(std::max(newest_pending, 0))) {
     for (const auto& c : f.groups.front()) land(c);
@@ -320,9 +368,20 @@ struct Launch {
   const char* key;
   dim3 grid, block;
   size_t smem;
+  // the kernel's closure is copied here, so that its arguments are at a known place
+  // (profile.h does not count the threads' reads of them)
   template <typename F>
-  void run(const F& body) const { go(key, body); }
-  void go(const std::string& key, const std::function<void()>& body) const {
+  void run(const F& body) const {
+    struct Call {  // the closure and the std::function calling it, side by side
+      F local;
+      std::function<void()> fn;
+    };
+    Call call{body, {}};
+    call.fn = [&call] { call.local(); };
+    go(key, call.fn, reinterpret_cast<uintptr_t>(&call), sizeof(Call));
+  }
+  void go(const std::string& key, const std::function<void()>& body, uintptr_t closure,
+          size_t closure_bytes) const {
     const unsigned n = block.x * block.y * block.z;
     int limit = 48 * 1024;
     {
@@ -352,12 +411,29 @@ struct Launch {
           g_blk->smem.reset(static_cast<unsigned char*>(p));
           g_smem_bytes = smem;
           g_static_smem.clear();
+#ifdef EMU_PROFILE
+          if (g_blk->fibers.size() < n) g_blk->fibers.resize(n);
+          std::vector<std::pair<uintptr_t, uintptr_t>> skip{{closure, closure + closure_bytes}};
+          for (unsigned i = 0; i < n; ++i) {
+            auto& st = g_blk->fibers[i].stack;
+            if (!st) st.reset(new char[kStack]);
+            skip.emplace_back(reinterpret_cast<uintptr_t>(st.get()),
+                              reinterpret_cast<uintptr_t>(st.get()) + kStack);
+          }
+          prof::block_begins(n, skip);
+#else
+          (void)closure;
+          (void)closure_bytes;
+#endif
           if (!run_block(n, uint3{bx, by, bz}, body, reverse)) {
             std::fprintf(stderr, "emu: %s block (%u,%u,%u): threads wait at different "
                          "barriers (deadlock)\n", key.c_str(), bx, by, bz);
             fail(cudaErrorLaunchFailure);
             return;
           }
+#ifdef EMU_PROFILE
+          prof::block_ends(key, n);
+#endif
         }
   }
 };
