@@ -186,10 +186,10 @@ __device__ __forceinline__ TileOrigin tile_origin(const DwTile<T>& t, int tile) 
 
 // This thread's share of the tile's input copied into `tile` (the header's layout),
 // waited for; the block barrier that makes the whole tile visible is the caller's.
-// Tile pixel q = rr * cols + cc for q = threadIdx.x / CG, stepping by kThreads / CG
-// (CG divides 32, so the thread's group stays g); consecutive threads copy
-// consecutive groups, then columns: whole 16-byte vectors, CG of them contiguous per
-// pixel.
+// Tile pixel q = rr * colsp + cc (rows padded to colsp pixels, below) for q =
+// threadIdx.x / CG, stepping by kThreads / CG (CG divides 32, so the thread's group
+// stays g); consecutive threads copy consecutive groups, then columns: whole 16-byte
+// vectors, CG of them contiguous per pixel.
 template <typename T, int K, int S>
 __device__ __forceinline__ void stage_tile(const DwTile<T>& t, const TileOrigin& o,
                                            const TileThread& th, uint4* tile) {
@@ -198,19 +198,25 @@ __device__ __forceinline__ void stage_tile(const DwTile<T>& t, const TileOrigin&
   const int CG = t.l.cg, cols = t.l.cols, C = t.C;
   if (th.active) {
     const T* xg = t.x + int64_t(o.n) * t.Hin * t.Win * C + th.g * V;
-    const int step = Shape::kThreads / CG, drow = step / cols, dcol = step % cols;
-    int rr = int(threadIdx.x) / CG / cols, cc = int(threadIdx.x) / CG % cols;
+    // Rows walked as if padded to a multiple of 4 pixels: a phase of 8 lanes (128 bytes
+    // of shared writes) is then 8 / CG <= 4 pixels of one row and one skew group (R * S
+    // >= 4 pixels), contiguous units, so conflict-free. Unpadded (rows of 66 pixels
+    // stepped by 128 at CG 2) phases crossed skew boundaries and row ends: 1.48x the
+    // minimum wavefronts (tests/cuda_emu/memprofile.py).
+    const int colsp = (cols + 3) & ~3;
+    const int step = Shape::kThreads / CG, drow = step / colsp, dcol = step % colsp;
+    int rr = int(threadIdx.x) / CG / colsp, cc = int(threadIdx.x) / CG % colsp;
     uint4* dst_g = tile + th.gl;
     while (rr < Shape::kRows) {
       const int hi = o.hi0 + rr, wi = o.wi0 + cc;
-      const bool inside = hi >= 0 && hi < t.Hin && wi >= 0 && wi < t.Win;
+      const bool inside = cc < cols && hi >= 0 && hi < t.Hin && wi >= 0 && wi < t.Win;
       if (inside)  // outside pixels stay unwritten: the conv skips their taps
         copy16(dst_g + rr * t.l.pitch + cc * CG + cc / RS * t.l.skew,
                xg + (int64_t(hi) * t.Win + wi) * C);
       rr += drow;
       cc += dcol;
-      if (cc >= cols) {
-        cc -= cols;
+      if (cc >= colsp) {
+        cc -= colsp;
         ++rr;
       }
     }
