@@ -38,7 +38,9 @@
 // quads (4- or 2-way conflicts); with it the stride is CG mod 8 and the lanes
 // spread over all 8 quads, 4 each: the minimum of 4 wavefronts per LDS.128.
 // CG = 8 or 16 covers the 8 quads with the groups alone. The skew costs CG units
-// per R*S columns (+25% for CG = 4 at S = 1).
+// per R*S columns (+25% for CG = 4 at S = 1). tests/test_cuda_emu_profile.py counts
+// the wavefronts of the emulated kernel (the minimum at every CG; 4x and 2x at CG 2
+// and 4 without the skew).
 //
 // The conv accumulates exactly as DwStrip::conv (load_wrow, strip_fma: kernel
 // rows ascending, input columns ascending, fp32 FMA out += w * x, taps outside
