@@ -25,26 +25,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "cuda_emu"))
 import build as emu_build  # noqa: E402
 
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux",
-                                reason="the emulator's fibers are glibc's ucontext")
-
 
 @pytest.fixture(scope="module")
 def emu():
-    try:
-        include = emu_build._cuda_include()
-    except RuntimeError as e:
-        pytest.skip(f"no CUDA toolkit headers to compile the kernels with: {e}")
-    assert os.path.isfile(os.path.join(include, "cuda_fp16.h"))
+    if emu_build.missing():
+        pytest.skip(emu_build.missing())
+    assert os.path.isfile(os.path.join(emu_build._cuda_include(), "cuda_fp16.h"))
     return emu_build.load()
 
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
     """Every tensor the op allocates (outputs, workspaces) starts as NaN."""
-    for k in ("MOBILENET_EXT_VEC", "MOBILENET_EXT_DW_TILE", "MOBILENET_EXT_DW_TILE_SPLIT",
-              "MOBILENET_EXT_PW_FUSED", "MOBILENET_EXT_PW_SAVE", "MBX_EMU_SMS", "MBX_EMU_TRACE",
-              "MBX_EMU_ORDER"):
+    for k in emu_build.KNOBS:
         monkeypatch.delenv(k, raising=False)
     det, fill = torch.are_deterministic_algorithms_enabled(), \
         torch.utils.deterministic.fill_uninitialized_memory

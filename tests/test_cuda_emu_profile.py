@@ -13,23 +13,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "cuda_emu"))
 import build as emu_build  # noqa: E402
 import memprofile  # noqa: E402
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux",
-                                reason="the emulator's fibers are glibc's ucontext")
-
 
 @pytest.fixture(scope="module")
 def prof():
-    try:
-        emu_build._cuda_include()
-    except RuntimeError as e:
-        pytest.skip(f"no CUDA toolkit headers to compile the kernels with: {e}")
+    if emu_build.missing():
+        pytest.skip(emu_build.missing())
     return memprofile.module()
 
 
 @pytest.fixture(autouse=True)
 def knobs(monkeypatch):
-    for k in ("MOBILENET_EXT_VEC", "MOBILENET_EXT_DW_TILE", "MOBILENET_EXT_DW_TILE_SPLIT",
-              "MOBILENET_EXT_PW_FUSED", "MOBILENET_EXT_PW_SAVE", "MBX_EMU_SMS", "MBX_EMU_ORDER"):
+    for k in emu_build.KNOBS:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MBX_EMU_TRACE", "1")
 

@@ -26,8 +26,6 @@ BUILD = ROOT / "tests" / "cuda_emu" / "build.py"
 sys.path.insert(0, str(BUILD.parent))
 import build as emu_build  # noqa: E402
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux",
-                                reason="the emulator's fibers are glibc's ucontext")
 
 # what the instrumented run covers (pytest -k over test_cuda_emu.py)
 SUBSET = ("(depthwise_kernels and True-forward and (float32 or -float16-)) or "
@@ -37,8 +35,9 @@ SUBSET = ("(depthwise_kernels and True-forward and (float32 or -float16-)) or "
 
 @pytest.fixture(scope="module")
 def sanitized_env(tmp_path_factory):
+    if emu_build.missing():
+        pytest.skip(emu_build.missing())
     try:
-        emu_build._cuda_include()
         asan = emu_build.sanitizer_preload()
     except RuntimeError as e:
         pytest.skip(f"cannot build the instrumented emulator here: {e}")

@@ -14,6 +14,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -338,6 +339,23 @@ def load(verbose=False, sanitize=None, profile=False):
         extra_ldflags=SANITIZE if sanitize else [], with_cuda=False, verbose=verbose)
 
 
+# the environment switches the emulated kernels read (the tests start each from none)
+KNOBS = ("MOBILENET_EXT_VEC", "MOBILENET_EXT_DW_TILE", "MOBILENET_EXT_DW_TILE_SPLIT",
+         "MOBILENET_EXT_PW_FUSED", "MOBILENET_EXT_PW_SAVE", "MBX_EMU_SMS", "MBX_EMU_TRACE",
+         "MBX_EMU_ORDER")
+
+
+def missing() -> str | None:
+    """Why the emulator cannot be built or run here, or None."""
+    if sys.platform != "linux":
+        return "the emulator's fibers are glibc's ucontext"
+    try:
+        _cuda_include()
+    except RuntimeError as e:
+        return f"no CUDA toolkit headers to compile the kernels with: {e}"
+    return None
+
+
 def _mkdir(p):
     p.mkdir(parents=True, exist_ok=True)
     return p
@@ -362,6 +380,5 @@ def _cuda_include():
 
 
 if __name__ == "__main__":
-    import sys
     print(load(verbose=True, sanitize="--sanitize" in sys.argv or None,
                profile="--profile" in sys.argv))
