@@ -68,19 +68,20 @@ static double probe(const std::string& kind, const at::Tensor& t) {{
 }}
 #ifdef EMU_PROFILE
 // profile.h's hooks: the calls -fsanitize=kernel-address puts before every access of
-// the instrumented units (not themselves instrumented)
-#define EMU_HOOK(n)                                                                    \
+// the instrumented units (not themselves instrumented; what they call runs with the
+// logging off)
+__attribute__((no_sanitize_address)) static void hook(void* pc, void* p, uint32_t n, bool store) {{
+  if (!::emu::prof::g_on) return;
+  ::emu::prof::g_on = false;
+  ::emu::prof_access(pc, p, n, store);
+  ::emu::prof::g_on = true;
+}}
+#define EMU_HOOK(n)                                                                       \
   extern "C" __attribute__((no_sanitize_address)) void __asan_load##n##_noabort(void* p) {{  \
-    if (!::emu::prof::g_on) return;                                                   \
-    ::emu::prof::g_on = false;                                                        \
-    ::emu::prof_access(__builtin_return_address(0), p, n, false);                     \
-    ::emu::prof::g_on = true;                                                         \
-  }}                                                                                   \
+    hook(__builtin_return_address(0), p, n, false);                                       \
+  }}                                                                                      \
   extern "C" __attribute__((no_sanitize_address)) void __asan_store##n##_noabort(void* p) {{ \
-    if (!::emu::prof::g_on) return;                                                   \
-    ::emu::prof::g_on = false;                                                        \
-    ::emu::prof_access(__builtin_return_address(0), p, n, true);                      \
-    ::emu::prof::g_on = true;                                                         \
+    hook(__builtin_return_address(0), p, n, true);                                        \
   }}
 EMU_HOOK(1)
 EMU_HOOK(2)
@@ -88,16 +89,10 @@ EMU_HOOK(4)
 EMU_HOOK(8)
 EMU_HOOK(16)
 extern "C" __attribute__((no_sanitize_address)) void __asan_loadN_noabort(void* p, size_t n) {{
-  if (!::emu::prof::g_on) return;
-  ::emu::prof::g_on = false;
-  ::emu::prof_access(__builtin_return_address(0), p, uint32_t(n), false);
-  ::emu::prof::g_on = true;
+  hook(__builtin_return_address(0), p, uint32_t(n), false);
 }}
 extern "C" __attribute__((no_sanitize_address)) void __asan_storeN_noabort(void* p, size_t n) {{
-  if (!::emu::prof::g_on) return;
-  ::emu::prof::g_on = false;
-  ::emu::prof_access(__builtin_return_address(0), p, uint32_t(n), true);
-  ::emu::prof::g_on = true;
+  hook(__builtin_return_address(0), p, uint32_t(n), true);
 }}
 extern "C" void __asan_handle_no_return() {{}}
 extern "C" void __asan_before_dynamic_init(const char*) {{}}

@@ -97,6 +97,7 @@ struct Block {
   std::vector<Fiber> fibers;  // kept across blocks: the stacks are reused
   std::vector<std::array<unsigned char, 16>> slots;  // one per thread, for shuffles
   std::unique_ptr<unsigned char, FreeDeleter> smem;  // dynamic shared memory, exact size
+  size_t smem_bytes = 0;
   ucontext_t sched;
   const void* sched_stack = nullptr;  // the scheduler's stack, for ASan's switches back
   size_t sched_stack_size = 0;
@@ -214,15 +215,23 @@ inline bool reverse_order() {
   return v != nullptr && std::strcmp(v, "reverse") == 0;
 }
 
-// Runs one block's n threads to completion; false if its barriers deadlock.
-inline bool run_block(unsigned n, const uint3& bid, const std::function<void()>& body,
-                      bool reverse) {
+// The block's first n fibers, with their stacks (kept across blocks).
+inline void ensure_fibers(unsigned n) {
   Block& b = *g_blk;
   if (b.fibers.size() < n) b.fibers.resize(n);
+  for (unsigned i = 0; i < n; ++i)
+    if (!b.fibers[i].stack) b.fibers[i].stack.reset(new char[kStack]);
+}
+
+inline bool g_reverse = false;  // the launch's MBX_EMU_ORDER
+
+// Runs one block's n threads to completion; false if its barriers deadlock.
+inline bool run_block(unsigned n, const uint3& bid, const std::function<void()>& body) {
+  Block& b = *g_blk;
+  ensure_fibers(n);
   b.body = &body;
   for (unsigned i = 0; i < n; ++i) {
     Fiber& f = b.fibers[i];
-    if (!f.stack) f.stack.reset(new char[kStack]);
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.get();
     f.ctx.uc_stack.ss_size = kStack;
@@ -236,7 +245,7 @@ inline bool run_block(unsigned n, const uint3& bid, const std::function<void()>&
   t_block = bid;
   for (;;) {
     for (unsigned k = 0; k < n; ++k) {
-      const unsigned i = reverse ? n - 1 - k : k;
+      const unsigned i = g_reverse ? n - 1 - k : k;
       if (b.fibers[i].state != State::kRun) continue;
       b.cur = i;
       t_linear = i;
@@ -293,8 +302,6 @@ inline T* dyn_smem() {
 // under MBX_EMU_ORDER=reverse (the earliest: an overwrite of a buffer other threads
 // still read shows). __cvta_generic_to_shared gives the offset in the block's dynamic
 // shared memory, the only place the kernels copy to.
-inline size_t g_smem_bytes = 0;
-inline bool g_reverse = false;  // the launch's MBX_EMU_ORDER
 
 #ifdef EMU_PROFILE
 // One access of the running thread for profile.h (the hooks in emu_module.cpp, and
@@ -303,7 +310,7 @@ inline void prof_access(const void* pc, const void* addr, uint32_t bytes, bool s
   if (bytes == 0) return;
   const auto smem = reinterpret_cast<uintptr_t>(g_blk->smem.get());
   prof::record(t_linear, reinterpret_cast<uintptr_t>(pc), reinterpret_cast<uintptr_t>(addr),
-               bytes, store, smem, smem + g_smem_bytes, g_static_smem);
+               bytes, store, smem, smem + g_blk->smem_bytes, g_static_smem);
 }
 #endif
 
@@ -311,7 +318,7 @@ inline unsigned cvta_shared(const void* p) {
   EMU_QUIET;
   const auto* b = g_blk->smem.get();
   const auto* c = static_cast<const unsigned char*>(p);
-  if (c < b || c > b + g_smem_bytes) {
+  if (c < b || c > b + g_blk->smem_bytes) {
     std::fprintf(stderr, "emu: __cvta_generic_to_shared of a pointer outside dynamic shared "
                  "memory\n");
     std::abort();
@@ -330,10 +337,10 @@ EMU_NOINLINE inline void cp_async(unsigned dst, const void* src, int src_bytes) 
   prof_access(__builtin_return_address(0), src, src_bytes > 0 ? 16 : 0, false);
   prof_access(__builtin_return_address(0), g_blk->smem.get() + dst, 16, true);
 #endif
-  if (dst % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0 || size_t(dst) + 16 > g_smem_bytes ||
-      src_bytes < 0 || src_bytes > 16) {
+  if (dst % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0 ||
+      size_t(dst) + 16 > g_blk->smem_bytes || src_bytes < 0 || src_bytes > 16) {
     std::fprintf(stderr, "emu: cp.async of 16 bytes to shared offset %u (of %zu) from %p: "
-                 "misaligned or out of bounds\n", dst, g_smem_bytes, src);
+                 "misaligned or out of bounds\n", dst, g_blk->smem_bytes, src);
     std::abort();
   }
   const Fiber::Copy c{g_blk->smem.get() + dst, static_cast<const unsigned char*>(src), src_bytes};
@@ -399,8 +406,7 @@ struct Launch {
                    key.c_str(), grid.x, grid.y, grid.z, block.x, block.y, block.z, smem);
     g_block_dim = block;
     g_grid_dim = grid;
-    const bool reverse = reverse_order();
-    g_reverse = reverse;
+    g_reverse = reverse_order();
     for (unsigned bz = 0; bz < grid.z; ++bz)
       for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -409,23 +415,21 @@ struct Launch {
           if (posix_memalign(&p, 128, smem ? smem : 1) != 0) throw std::bad_alloc();
           std::memset(p, 0xFF, smem);
           g_blk->smem.reset(static_cast<unsigned char*>(p));
-          g_smem_bytes = smem;
+          g_blk->smem_bytes = smem;
           g_static_smem.clear();
 #ifdef EMU_PROFILE
-          if (g_blk->fibers.size() < n) g_blk->fibers.resize(n);
+          ensure_fibers(n);
           std::vector<std::pair<uintptr_t, uintptr_t>> skip{{closure, closure + closure_bytes}};
           for (unsigned i = 0; i < n; ++i) {
-            auto& st = g_blk->fibers[i].stack;
-            if (!st) st.reset(new char[kStack]);
-            skip.emplace_back(reinterpret_cast<uintptr_t>(st.get()),
-                              reinterpret_cast<uintptr_t>(st.get()) + kStack);
+            const auto st = reinterpret_cast<uintptr_t>(g_blk->fibers[i].stack.get());
+            skip.emplace_back(st, st + kStack);
           }
           prof::block_begins(n, skip);
 #else
           (void)closure;
           (void)closure_bytes;
 #endif
-          if (!run_block(n, uint3{bx, by, bz}, body, reverse)) {
+          if (!run_block(n, uint3{bx, by, bz}, body)) {
             std::fprintf(stderr, "emu: %s block (%u,%u,%u): threads wait at different "
                          "barriers (deadlock)\n", key.c_str(), bx, by, bz);
             fail(cudaErrorLaunchFailure);

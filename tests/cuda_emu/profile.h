@@ -17,8 +17,8 @@
 // - global memory: the distinct 32-byte sectors the request touches; ideal: its
 //   distinct bytes / 32, rounded up.
 // Totals per kernel (its launch key) until profile_take(). Not counted: the WMMA
-// fragments' loads (shadow/mma.h has every lane read the whole tile, not what a GPU
-// does), caches (a sector is counted each time a request touches it), and the
+// fragments' loads and stores (shadow/mma.h has every lane read the whole tile, not
+// what a GPU does), caches (a sector is counted each time a request touches it), and the
 // store of a read-modify-write whose load the compiler already checked (GCC's
 // instrumentation checks one address once per basic block).
 #pragma once
@@ -27,12 +27,12 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
-#include <tuple>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <set>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -92,29 +92,38 @@ struct Quiet {
 };
 
 inline int module_segments(dl_phdr_info* info, size_t, void* data) {
-  auto* self = static_cast<uintptr_t*>(data);
+  auto* out = static_cast<std::vector<std::pair<uintptr_t, uintptr_t>>*>(data);
+  const auto self = reinterpret_cast<uintptr_t>(&g_totals);
   for (int i = 0; i < info->dlpi_phnum; ++i) {
     const auto& ph = info->dlpi_phdr[i];
     const uintptr_t lo = info->dlpi_addr + ph.p_vaddr, hi = lo + ph.p_memsz;
-    if (ph.p_type == PT_LOAD && *self >= lo && *self < hi) {
+    if (ph.p_type == PT_LOAD && self >= lo && self < hi) {
       g_base = info->dlpi_addr;
       for (int j = 0; j < info->dlpi_phnum; ++j)
         if (info->dlpi_phdr[j].p_type == PT_LOAD)
-          g_skip.emplace_back(info->dlpi_addr + info->dlpi_phdr[j].p_vaddr,
-                              info->dlpi_addr + info->dlpi_phdr[j].p_vaddr +
-                                  info->dlpi_phdr[j].p_memsz);
+          out->emplace_back(info->dlpi_addr + info->dlpi_phdr[j].p_vaddr,
+                            info->dlpi_addr + info->dlpi_phdr[j].p_vaddr +
+                                info->dlpi_phdr[j].p_memsz);
       return 1;
     }
   }
   return 0;
 }
 
+// This module's loaded segments (its globals: the emulator's state), found once.
+inline const std::vector<std::pair<uintptr_t, uintptr_t>>& module_ranges() {
+  static const auto ranges = [] {
+    std::vector<std::pair<uintptr_t, uintptr_t>> r;
+    dl_iterate_phdr(module_segments, &r);
+    return r;
+  }();
+  return ranges;
+}
+
 // At a block's start: the ranges not logged (this module's image, the fiber stacks,
 // the closure holding the kernel's arguments), empty logs.
 inline void block_begins(unsigned n, const std::vector<std::pair<uintptr_t, uintptr_t>>& more) {
-  g_skip.clear();
-  uintptr_t self = reinterpret_cast<uintptr_t>(&g_totals);
-  dl_iterate_phdr(module_segments, &self);
+  g_skip = module_ranges();
   g_skip.insert(g_skip.end(), more.begin(), more.end());
   g_log.assign(n, {});
   g_occ.assign(n, {});
@@ -181,6 +190,7 @@ inline void count(Counts& c, bool shared, const Lanes& lanes) {
 // At a block's end: its warps' requests added to the kernel's totals.
 inline void block_ends(const std::string& key, unsigned n) {
   KernelCounts& k = g_totals[key];
+  const bool by_pc = std::getenv("MBX_EMU_PROFILE_PC") != nullptr;
   for (unsigned w = 0; w * 32 < n; ++w) {
     // (pc, occ, store, shared) -> (lane, addr, size) in lane order
     std::map<std::tuple<uintptr_t, uint32_t, bool, bool>, Lanes> requests;
@@ -190,7 +200,7 @@ inline void block_ends(const std::string& key, unsigned n) {
     for (const auto& kv : requests) {
       const bool store = std::get<2>(kv.first), shared = std::get<3>(kv.first);
       count(k.c[shared][store][size_class(std::get<2>(kv.second.front()))], shared, kv.second);
-      if (std::getenv("MBX_EMU_PROFILE_PC"))
+      if (by_pc)
         count(g_by_pc[{key, std::get<0>(kv.first) - g_base, shared, store,
                        std::get<2>(kv.second.front())}], shared, kv.second);
     }

@@ -8,7 +8,9 @@
 // in one of the thread orders. What a GPU requires is checked: 256-bit aligned
 // pointers, ldm a multiple of 16 bytes; a violation aborts with a message. Not
 // modelled: the per-element access of fragment.x (none of the kernels use it), the
-// warp-convergence requirement, and the tensor cores' accumulation order.
+// warp-convergence requirement, and the tensor cores' accumulation order. In the
+// profile build (profile.h) the loads and stores here are not counted: they are not
+// the accesses a GPU makes.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,6 +24,9 @@
 namespace emu {
 inline unsigned lane();
 }
+#ifndef EMU_QUIET  // emu.h's: the profile build's logging off within a call
+#define EMU_QUIET
+#endif
 
 namespace nvcuda {
 namespace wmma {
@@ -65,6 +70,7 @@ inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float value) {
 template <typename Use, typename T, typename Layout>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
   static_assert(!std::is_same<Use, accumulator>::value, "accumulators take a layout");
+  EMU_QUIET;
   detail::check(p, ldm, sizeof(T), "load_matrix_sync");
   constexpr bool kRowMajor = std::is_same<Layout, row_major>::value;
   for (int r = 0; r < 16; ++r)
@@ -89,6 +95,7 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
                               unsigned ldm, layout_t layout) {
+  EMU_QUIET;
   detail::check(p, ldm, sizeof(float), "store_matrix_sync");
   for (int e = int(::emu::lane()); e < 256; e += 32) {
     const int r = e / 16, c = e % 16;
