@@ -1,5 +1,6 @@
 """Fused modules, models, convert()/revert() and the cost model."""
 import copy
+import io
 import functools
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 
 import mobilenet_ext
 from mobilenet_ext import convert, cost, models, revert
+from mobilenet_ext.convert import _FusedNorm
 from mobilenet_ext.nn import DepthwiseSeparable, DWConvBNAct, InvertedResidual, PWConvBNAct
 from conftest import AUTOCAST_DTYPE, err
 
@@ -191,7 +193,10 @@ def test_convert_frozen_batchnorm():
     model = _frozen_bn_mobilenet_v3().train()
     fused, report = convert(model, return_report=True)
     assert (len(report.fused), [n for n, _ in report.left]) == (45, ["features.0.0"]), report
-    assert sum(isinstance(m, FrozenBatchNorm2d) for m in fused.modules()) == 1  # the stem
+    # the stand-ins are FrozenBatchNorm2d to isinstance, as the layers they replaced
+    assert [n for n, m in fused.named_modules() if isinstance(m, FrozenBatchNorm2d)] == \
+        [n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert sum(type(m) is FrozenBatchNorm2d for m in fused.modules()) == 1  # the stem
     assert [n for n, _ in fused.named_parameters()] == [n for n, _ in model.named_parameters()]
     assert list(fused.state_dict()) == list(model.state_dict())
     x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
@@ -855,6 +860,114 @@ def test_fused_modules_follow_their_bn_mode():
             if isinstance(bn, nn.BatchNorm2d):
                 bn.eval()
     _same_steps(eager, model, torch.randn(2, 3, 32, 32, dtype=torch.float64), modes=(None,))
+
+
+def _bn_names(model, cls=nn.BatchNorm2d):
+    return [n for n, m in model.named_modules() if isinstance(m, cls)]
+
+
+def test_convert_stand_ins_are_batchnorms():
+    """Code that finds BatchNorms by isinstance finds the fused ones: the same modules
+    (timm's BatchNormAct2d as such), torchvision's reference recipe leaves the same
+    parameters out of weight decay, and freezing BatchNorm for fine-tuning (bn.eval()
+    and a new momentum on every BatchNorm of a model in training) trains as in eager.
+    A whole converted model pickles (torch.save) and loads as the same classes."""
+    from timm.layers import BatchNormAct2d
+    from torchvision.ops._utils import split_normalization_params
+    torch.manual_seed(0)
+    eager = randomise_bn(torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10,
+                                                         dropout=0.0)).double()
+    fused = convert(eager)
+    assert _bn_names(fused) == _bn_names(eager) and len(_bn_names(eager)) == 52
+    def groups(model):
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [sorted(names[id(p)] for p in g) for g in split_normalization_params(model)]
+
+    assert groups(fused) == groups(eager) and len(groups(eager)[0]) == 2 * 52
+    timm_eager = timm.create_model("mobilenetv2_050", **NO_DROP)
+    assert _bn_names(convert(timm_eager), BatchNormAct2d) == _bn_names(timm_eager, BatchNormAct2d)
+    for m in (eager, fused):
+        m.train()
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.momentum = 0.3
+                if bn.num_features > 100:
+                    bn.eval()
+    for _ in range(2):
+        _same_steps(eager, fused, torch.randn(2, 3, 32, 32, dtype=torch.float64),
+                    modes=(None,))
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in fused.modules()]
+    for m in (eager, loaded):
+        m.zero_grad(set_to_none=True)
+    _same_steps(eager, loaded, torch.randn(2, 3, 32, 32, dtype=torch.float64), modes=(False,))
+
+
+def _swap(model, case):
+    """Swap a module of a (converted or eager) torchvision mobilenet_v2 the way `case`
+    says, the same new modules for both (seeded)."""
+    g = torch.Generator().manual_seed(3)
+    if case == "sync_batchnorm":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if case == "timm_freeze":
+        from timm.layers import freeze_batch_norm_2d
+        return freeze_batch_norm_2d(model)
+    if case == "conv":  # a fused depthwise conv's slot
+        c = model.features[2].conv[1][0].weight.shape[0]  # (a slot has no in_channels)
+        new = nn.Conv2d(c, c, 3, 2, 1, groups=c, bias=False).double()
+        with torch.no_grad():
+            new.weight.copy_(torch.randn(new.weight.shape, generator=g, dtype=torch.float64))
+        model.features[2].conv[1][0] = new
+    elif case == "act":  # an activation fused into the BatchNorm before it
+        model.features[2].conv[0][2] = nn.ReLU()
+    elif case == "timm_act":  # the activation inside a fused timm BatchNormAct2d
+        model.blocks[1][0].bn1.act = nn.ReLU()
+    elif case == "block_bn":  # the projection BN of a block whose add was fused
+        bn = nn.BatchNorm2d(model.features[3].conv[3].num_features).double()
+        model.features[3].conv[3] = randomise_bn(bn, bias_std=1.0)
+    elif case == "block_container":  # a whole Conv2dNormActivation inside such a block
+        c = model.features[3].conv[1][0].weight.shape[0]
+        torch.manual_seed(4)
+        new = torchvision.ops.Conv2dNormActivation(c, c, 3, groups=c,
+                                                   activation_layer=nn.Hardswish).double()
+        model.features[3].conv[1] = randomise_bn(new)
+    return model
+
+
+SWAPS = ["sync_batchnorm", "timm_freeze", "timm_freeze_timm", "conv", "act", "timm_act", "block_bn", "block_container"]
+
+
+@pytest.mark.parametrize("case", SWAPS)
+def test_swapped_stand_ins_run_unfused(case):
+    """A fused layer's stand-in swapped for another module after convert() (a BatchNorm
+    by convert_sync_batchnorm or timm's freeze_batch_norm_2d, which find them by
+    isinstance; a conv slot, an activation slot, a module inside a block whose add was
+    fused, by hand): that layer or block runs unfused with the new module in place,
+    and trains as eager does with the same swap; revert() then gives eager's modules."""
+    torch.manual_seed(0)
+    if case.startswith("timm_") and case != "timm_freeze":
+        eager = timm.create_model("mobilenetv2_050", num_classes=10, **NO_DROP)
+        # the stand-ins a residual block's own children
+        case = "timm_freeze" if case == "timm_freeze_timm" else case
+    else:
+        eager = torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10, dropout=0.0)
+    eager = randomise_bn(eager, bias_std=1.0).double()
+    fused = _swap(convert(eager), case)
+    eager = _swap(eager, case)
+    if case in ("sync_batchnorm", "timm_freeze"):  # every BatchNorm, fused or not, swapped
+        assert not any(isinstance(m, _FusedNorm) for m in fused.modules())
+    # 2x2 pixels at the end (3x3 in timm's, its training gradients are noisier), so
+    # that batch statistics of 8 or more values per channel keep roundoff from
+    # growing past _same_steps' float64 tolerance
+    size = 96 if isinstance(eager, timm.models.EfficientNet) else 64
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    _same_steps(eager, fused, x)
+    reverted = revert(fused)
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in eager.modules()]
+    _same_steps(eager, reverted, x)
 
 
 def test_convert_pairs_only_adjacent_layers():
