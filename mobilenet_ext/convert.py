@@ -8,22 +8,21 @@ statistics and affine: the fused op in eval mode whatever the module's mode), an
 optionally an activation module. `nn.SyncBatchNorm` is left alone (its batch
 statistics are reduced across processes), and so is every other norm layer, and so
 are modules with hooks or a parametrized weight. The Conv2d is replaced by a slot
-that keeps its `weight` and passes its input on; the BatchNorm by a module that keeps the
-BatchNorm's parameters and buffers under the same names and runs the fused op on
-the conv's input, and is an `nn.BatchNorm2d` to isinstance checks (code that puts
-BatchNorms in eval mode or exempts them from weight decay finds it); a following
-activation module by a pass-through slot. State-dict keys, parameters (the same
-`Parameter` objects) and buffers are unchanged, so checkpoints load both ways and
-optimizers keep working. The inverted-residual blocks of torchvision and timm
-(_RESIDUAL_BLOCKS) also get their residual add fused into the projection. A stand-in
-swapped for another module after convert() (`nn.SyncBatchNorm.convert_sync_batchnorm`,
-timm's `freeze_batch_norm_2d`, a hand-written swap) leaves that layer to run unfused,
-the new module included: slower, never silently different.
+that keeps its `weight` and passes its input on; the BatchNorm by a stand-in of its own
+class (isinstance finds it where it found the BatchNorm) that keeps the BatchNorm's
+parameters and buffers under the same names and runs the fused op on the conv's
+input; a following activation module by a pass-through slot. State-dict keys,
+parameters (the same `Parameter` objects) and buffers are unchanged, so checkpoints
+load both ways and optimizers keep working. The inverted-residual blocks of
+torchvision and timm (_RESIDUAL_BLOCKS) also get their residual add fused into the
+projection. A stand-in swapped for another module after convert()
+(`nn.SyncBatchNorm.convert_sync_batchnorm`, timm's `freeze_batch_norm_2d`, by hand)
+or given a hook makes its layer run unfused (_Layer): slower, never silently
+different.
 """
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -85,90 +84,157 @@ class ConvertReport:
         return "\n".join(lines)
 
 
-class _WarnsOnHooks:
-    """For the stand-ins of fused layers (_ConvSlot, _FusedNorm, _ActSlot): a forward hook registered
-    on one after convert() runs, but around the fused op's stand-in, not the layer it
-    replaced (a conv position's hook sees the conv's input as its output), so it warns.
-    Hooks registered before convert() keep their layer unfused and exact."""
+def _has_hooks(m) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or
+                m._backward_pre_hooks)
 
-    def _warn_hook(self):
-        warnings.warn(f"mobilenet_ext: {type(self).__name__} stands in for a "
-                      f"{type(self._orig).__name__} fused by convert(); a hook on it sees the "
-                      "fused op's input, not that layer's own tensors. Register the hook before "
-                      "convert() (the layer is then left unfused) or revert() the model first.",
-                      stacklevel=3)
+
+class _Layer:
+    """One fused layer: its stand-ins (conv slot, fused norm, activation slot or None),
+    where convert() put them (children of `parent`) and the fused norm's own children
+    (a BatchNormAct2d's act and drop) as they were. Each stand-in asks fused() at every
+    call (~0.3 us) and, while it says no, runs its own part unfused: the slot the conv,
+    the norm its BatchNorm's own forward, the activation slot the activation. So a
+    stand-in swapped for another module after convert() (found by isinstance:
+    `nn.SyncBatchNorm.convert_sync_batchnorm`, timm's `freeze_batch_norm_2d`; or by
+    hand), a hook registered on one, or a parametrized BatchNorm weight gives what the
+    model without convert() computes, and the fused op runs again once that is undone.
+    Not seen: stand-ins moved into another module (a new nn.Sequential of a model's
+    children) and swapped there; their old parent still holds them."""
+
+    __slots__ = ("parent", "slot_name", "slot", "bn_name", "bn", "act_name", "act", "kids",
+                 "hooked")
+
+    def __init__(self, parent, slot_name, slot, bn_name, bn, act_name, act):
+        self.parent, self.slot_name, self.slot = parent, slot_name, slot
+        self.bn_name, self.bn, self.act_name, self.act = bn_name, bn, act_name, act
+        self.kids = tuple(bn._modules.items())
+        self.hooked = False  # set by a hook registration on a stand-in, cleared lazily
+
+    def fused(self) -> bool:
+        m = self.parent._modules
+        if m.get(self.bn_name) is not self.bn or m.get(self.slot_name) is not self.slot or \
+                (self.act is not None and m.get(self.act_name) is not self.act):
+            return False
+        if self.hooked:  # still hooked, or were the hooks removed?
+            self.hooked = any(_has_hooks(s) for s in (self.slot, self.bn, self.act)
+                              if s is not None)
+            if self.hooked:
+                return False
+        own = self.bn._modules
+        if self.kids and any(own.get(n) is not k for n, k in self.kids):
+            return False
+        return "parametrizations" not in own
+
+    @staticmethod
+    def detached():
+        """The record of a stand-in copied alone: never fused."""
+        return _Layer(_DETACHED, None, None, None, _DETACHED, None, None)
+
+
+_DETACHED = nn.Module()  # no children: its bn is never where a detached record expects it
+
+
+class _StandIn:
+    """The stand-ins of a fused layer (_ConvSlot, _FusedNorm, _ActSlot), which share
+    one _Layer record (`_layer`)."""
+
+    _layer = None
+
+    def _mark_hooked(self):
+        if self._layer is not None:
+            self._layer.hooked = True
 
     def register_forward_hook(self, *args, **kwargs):
-        self._warn_hook()
+        self._mark_hooked()
         return super().register_forward_hook(*args, **kwargs)
 
     def register_forward_pre_hook(self, *args, **kwargs):
-        self._warn_hook()
+        self._mark_hooked()
         return super().register_forward_pre_hook(*args, **kwargs)
 
+    def register_full_backward_hook(self, *args, **kwargs):
+        self._mark_hooked()
+        return super().register_full_backward_hook(*args, **kwargs)
 
-# A site is (parent, name, module): it holds while module is still parent's child
-# `name`, `site[0]._modules.get(site[1]) is site[2]` (written out where it is checked:
-# ~0.15 us, a function call would double that). The stand-ins of one fused layer check
-# each other's sites at every call, so that a swap of one of them after convert() is
-# never silently ignored.
+    def register_full_backward_pre_hook(self, *args, **kwargs):
+        self._mark_hooked()
+        return super().register_full_backward_pre_hook(*args, **kwargs)
+
+    def register_backward_hook(self, *args, **kwargs):
+        self._mark_hooked()
+        return super().register_backward_hook(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        """Deep-copied with the module holding it (the model), the copy's record points
+        into the copied model; copied alone, the copy runs unfused wherever it is put,
+        even in the place of the stand-in it copies (and the parent is not copied)."""
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        state = dict(self.__dict__)
+        layer = state.pop("_layer", None)
+        state = copy.deepcopy(state, memo)
+        if layer is not None:
+            layer = copy.deepcopy(layer, memo) if id(layer.parent) in memo else \
+                _Layer.detached()
+            state["_layer"] = layer
+        new.__setstate__(state)
+        return new
 
 
-class _ConvSlot(_WarnsOnHooks, nn.Module):
+class _ConvSlot(_StandIn, nn.Module):
     """Where a fused Conv2d was: keeps its weight and passes its input on to the fused
-    BatchNorm after it, which runs the conv. Should that BatchNorm have been swapped
-    since convert() (the stand-in is an nn.BatchNorm2d, so
-    `nn.SyncBatchNorm.convert_sync_batchnorm`, timm's `freeze_batch_norm_2d` and
-    hand-written swaps find it), the slot runs the conv itself and the new module gets
-    the conv's output: slower, never silently different."""
+    norm after it, which runs the conv; runs the conv itself while its layer is not
+    fused (_Layer)."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.weight = conv.weight
         object.__setattr__(self, "_orig", conv)  # for revert(); not a submodule
-        object.__setattr__(self, "_bn_site", None)  # (parent, name, fused BN): _fuse
 
     def forward(self, x):
-        site = self._bn_site
-        if site[0]._modules.get(site[1]) is site[2]:
+        if self._layer.fused():
             return x
         c = self._orig
         return F.conv2d(x, self.weight, None, c.stride, c.padding, c.dilation, c.groups)
+
+    def _mbx_fused_convs(self, in_hw, out_hw):
+        """cost.profile: the conv, when this slot runs it."""
+        return [] if self._layer.fused() else [(self._orig, in_hw)]
 
     def extra_repr(self) -> str:
         c = self._orig
         return f"{c.in_channels}, {c.out_channels}, kernel_size={c.kernel_size} (fused into the next)"
 
 
-class _ActSlot(_WarnsOnHooks, nn.Identity):
-    """Where an activation module fused into the BatchNorm before it was: passes its
-    input on, or runs the activation while that BatchNorm is swapped out (see _ConvSlot)."""
+class _ActSlot(_StandIn, nn.Identity):
+    """Where an activation module fused into the norm before it was: passes its input
+    on, or runs the activation while its layer is not fused (_Layer)."""
 
     def __init__(self, act: nn.Module):
         super().__init__()
         object.__setattr__(self, "_orig", act)
-        object.__setattr__(self, "_bn_site", None)
 
     def forward(self, x):
-        site = self._bn_site
-        return x if site[0]._modules.get(site[1]) is site[2] else self._orig(x)
+        return x if self._layer.fused() else self._orig(x)
 
     def extra_repr(self) -> str:
         return f"{type(self._orig).__name__} (fused into the BatchNorm before it)"
 
 
-class _FusedNorm(_WarnsOnHooks):
+class _FusedNorm(_StandIn):
     """Where the BatchNorm was: its parameters and buffers (and a BatchNormAct2d's act
     and drop children) under the same names, and the fused conv + BN + activation
     (+ residual) on the conv's input. Each instance is of _fused_class(type(bn)), a
     subclass of the replaced BatchNorm's own class (whose __init__ is not run), so
     code that finds BatchNorms by isinstance (to put them in eval mode for
     fine-tuning, to leave them out of weight decay, to set their momentum, to swap
-    them: see _ConvSlot) finds it, as it found the BatchNorm."""
+    them: _Layer) finds it, as it found the BatchNorm."""
 
     __repr__ = nn.Module.__repr__  # FrozenBatchNorm2d has a __repr__ of its own
 
-    def __init__(self, bn: nn.Module, slot: _ConvSlot, kind: str, act: str):
+    def __init__(self, bn: nn.Module, conv: nn.Conv2d, kind: str, act: str):
         nn.Module.__init__(self)
         for name in ("weight", "bias"):
             if name in bn._buffers:  # FrozenBatchNorm2d: buffers
@@ -179,33 +245,23 @@ class _FusedNorm(_WarnsOnHooks):
             self.register_buffer(name, getattr(bn, name, None))
         for name, child in bn._modules.items():  # BatchNormAct2d's act and drop
             self.add_module(name, child)
-        # those children as fused (fused_act); swapped later, the layer runs unfused
-        object.__setattr__(self, "_kids", tuple(bn._modules.items()))
-        self.num_features = self._buffers["running_mean"].numel()
+        self.num_features = getattr(bn, "num_features", None) or bn.weight.numel()
         self.eps, self.momentum = bn.eps, getattr(bn, "momentum", None)
-        self.affine = self._parameters.get("weight", self._buffers.get("weight")) is not None
+        self.affine = getattr(bn, "affine", True)
         self.track_running_stats = getattr(bn, "track_running_stats", True)
         self.kind, self.fused_act = kind, act
-        conv = slot._orig
         self.stride, self.padding, self.dilation = conv.stride[0], conv.padding[0], conv.dilation[0]
-        object.__setattr__(self, "_slot", slot)
         object.__setattr__(self, "_orig", bn)
-        object.__setattr__(self, "_slot_site", None)  # (parent, name, slot): _fuse_children
-        object.__setattr__(self, "_act_site", None)  # (parent, name, _ActSlot) or None
         self.train(bn.training)
 
     def forward(self, x, residual=None, scale=None):
         """scale: a per-channel layer scale gamma after the BN (identity act only),
         applied to the BN's weight and bias."""
-        act, site = self.fused_act, self._act_site
-        act_here = site is None or site[0]._modules.get(site[1]) is site[2]
-        if not act_here:
-            act = "identity"  # the module that replaced the _ActSlot runs instead
-        site = self._slot_site
-        slot_here = site[0]._modules.get(site[1]) is site[2]
-        if not slot_here or self._kids and any(self._modules.get(n) is not m
-                                               for n, m in self._kids):
-            return self._unfused(x, slot_here, act, residual, scale)
+        layer = self._layer
+        if not layer.fused():  # x is the conv's output (the slot's or its replacement's)
+            y = self._base.forward(self, x)
+            y = y if scale is None else y * scale
+            return y if residual is None else y + residual
         conv = dict(stride=self.stride, padding=self.padding, dilation=self.dilation) \
             if self.kind == "depthwise" else dict(residual=residual)
         # FrozenBatchNorm2d: eval-mode BN whatever the module's mode
@@ -218,30 +274,18 @@ class _FusedNorm(_WarnsOnHooks):
         if scale is not None:
             weight = scale if weight is None else weight * scale
             bias = None if bias is None else bias * scale
-        conv_weight = self._slot._parameters.get("weight")
+        slot = layer.slot
+        conv_weight = slot._parameters.get("weight")
         if conv_weight is None:  # parametrized after convert(): computed by its property
-            conv_weight = self._slot.weight
+            conv_weight = slot.weight
         return fused_conv_bn_act(x, conv_weight, weight, bias,
                                  b["running_mean"], b["running_var"], b["num_batches_tracked"],
                                  self.momentum, self.track_running_stats, training, self.eps,
-                                 act, **conv)
-
-    def _unfused(self, x, slot_here, act, residual, scale):
-        """What the fused op computes, as separate steps on the current modules: the conv
-        (unless the slot was swapped: x is then the new module's output), the
-        BatchNorm's own forward (a BatchNormAct2d's with its current act and drop), the
-        act slot's activation (act) and the layer scale and residual."""
-        if slot_here:
-            c = self._slot._orig
-            x = F.conv2d(x, self._slot.weight, None, c.stride, c.padding, c.dilation, c.groups)
-        y = self._base.forward(self, x)
-        if self._act_site is not None:
-            y = activation(y, act)
-        y = y if scale is None else y * scale
-        return y if residual is None else y + residual
+                                 self.fused_act, **conv)
 
     def _mbx_fused_convs(self, in_hw, out_hw):
-        return [(self._slot._orig, in_hw)]
+        """cost.profile: the conv, when this norm runs it."""
+        return [(self._layer.slot._orig, in_hw)] if self._layer.fused() else []
 
     def extra_repr(self) -> str:
         if self.frozen:
@@ -249,7 +293,7 @@ class _FusedNorm(_WarnsOnHooks):
         return f"{self.kind}, act={self.fused_act!r}, eps={self.eps}, momentum={self.momentum}"
 
     def __reduce_ex__(self, protocol):
-        # pickled (torch.save of a whole model) and deep-copied by its BatchNorm class
+        # pickled (torch.save of a whole model) by its BatchNorm class: _new_fused
         return _new_fused, (self._base,), self.__dict__
 
 
@@ -336,10 +380,11 @@ def _residual_chain(block, spec):
     timm's ConvNormAct) opened up so that the last one is the projection's fused BN;
     the (parent, name, module) of every module of the body the fused forward depends
     on (block as the parent of its own children); the layer scale after that BN
-    (_LAYER_SCALE) or None. Or (None, None, None, why not). Only nn.Identity, the
-    BN's own _ActSlot and one layer scale may follow that BN."""
+    (_LAYER_SCALE) or None. Or (None, None, None, why not). Only nn.Identity and one
+    layer scale may follow that BN."""
     names = [n for n in spec.body if getattr(block, n, None) is not None]
     kids = dict(_children(block))
+    drop_site = [(block, spec.drop, kids[spec.drop])] if spec.drop in kids else []
     if set(kids) != set(names) | ({spec.drop} if spec.drop else set()):
         return None, None, None, "children differ from the forward mobilenet_ext knows"
     drop = kids.get(spec.drop) if spec.drop else None
@@ -356,9 +401,7 @@ def _residual_chain(block, spec):
                 return None, None, None, "a module of its body has hooks"
             sites.append(chain.pop())
             chain += [(last, n, m) for n, m in _children(last)]
-        elif (type(last) is nn.Identity and _not_plain(last, "") is None) or \
-                (isinstance(last, _ActSlot) and len(chain) > 1 and
-                 last._bn_site[2] is chain[-2][2]):
+        elif type(last) is nn.Identity and _not_plain(last, "") is None:
             sites.append(chain.pop())
         elif scale is None and _qualname(last) == _LAYER_SCALE and _not_plain(last, "") is None:
             sites.append(chain.pop())
@@ -369,16 +412,18 @@ def _residual_chain(block, spec):
     if not isinstance(end, _FusedNorm) or end.kind != "pointwise":
         ends = f" (it ends in {type(end).__name__})" if chain else ""
         return None, None, None, f"its body does not end in a fused pointwise conv + BN{ends}"
-    return [m for _, _, m in chain], sites + chain, scale, None
+    return [m for _, _, m in chain], sites + chain + drop_site, scale, None
 
 
 class _ResidualBlock(nn.Module):
     """A residual block (_RESIDUAL_BLOCKS) with its add fused into the projection: the
     block's children under their own names, its body run as a chain whose last fused
     BN gets the block input as residual. While stochastic depth / drop path is active
-    (training with p > 0) the add runs after it, as in the block's own forward; so does
-    all of the block's own forward once a module of the body has been swapped since
-    convert() (_residual_chain's sites, checked at every call)."""
+    (training with p > 0) the add runs after it, as in the block's own forward. The
+    block's own forward runs, on its current children, while a module of the body or
+    its drop path is not the one convert() found (_residual_chain's sites) or a
+    container it opened up has a hook. (The projection's norm takes the residual unfused
+    too, _FusedNorm.)"""
 
     def __init__(self, block: nn.Module, spec: _ResidualSpec, chain: list, sites: list,
                  scale=None):
@@ -388,22 +433,22 @@ class _ResidualBlock(nn.Module):
         self.drop_name = spec.drop
         object.__setattr__(self, "_chain", chain)
         object.__setattr__(self, "_sites", [(self if p is block else p, n, m) for p, n, m in sites])
-        for child in self._modules.values():  # the block's own stand-ins now live here
-            for attr in ("_bn_site", "_slot_site", "_act_site"):
-                site = getattr(child, attr, None) if isinstance(
-                    child, (_ConvSlot, _ActSlot, _FusedNorm)) else None
-                if site is not None and site[0] is block:
-                    object.__setattr__(child, attr, (self,) + site[1:])
+        # the containers of the body it opened up, which it no longer calls
+        object.__setattr__(self, "_opened", [m for _, _, m in sites if _runs_children(m)])
+        for m in self.modules():  # the block's own stand-ins now live here
+            if isinstance(m, _StandIn) and m._layer.parent is block:
+                m._layer.parent = self
         object.__setattr__(self, "_scale", scale)  # a layer scale folded into the last BN
         object.__setattr__(self, "_orig", block)
         self.train(block.training)
 
     def forward(self, x):
+        *head, last = self._chain
         for site in self._sites:
             if site[0]._modules.get(site[1]) is not site[2]:
-                # the block's own forward, on its current children
                 return type(self._orig).forward(self, x)
-        *head, last = self._chain
+        if any(_has_hooks(m) for m in self._opened):
+            return type(self._orig).forward(self, x)
         h = x
         for m in head:
             h = m(h)
@@ -497,7 +542,7 @@ def _fuse_children(parent, prefix, report):
             report.left.append((full, why or why_act))
             i += 2
             continue
-        act_slot = None
+        act_slot, act_name = None, None
         plain = type(bn) is nn.BatchNorm2d or _is_frozen(bn)
         if act == "identity" and plain and i + 2 < len(children):
             act_name, act_mod = children[i + 2]
@@ -506,23 +551,20 @@ def _fuse_children(parent, prefix, report):
                 act_slot = _ActSlot(act_mod)
                 setattr(parent, act_name, act_slot)
         slot = _ConvSlot(conv)
-        fused = _fused_class(type(bn))(bn, slot, kind, act)
+        fused = _fused_class(type(bn))(bn, conv, kind, act)
         setattr(parent, name, slot)
         setattr(parent, bn_name, fused)
-        # the stand-ins check each other's sites at every call
-        object.__setattr__(slot, "_bn_site", (parent, bn_name, fused))
-        object.__setattr__(fused, "_slot_site", (parent, name, slot))
-        if act_slot is not None:
-            object.__setattr__(act_slot, "_bn_site", (parent, bn_name, fused))
-            object.__setattr__(fused, "_act_site", (parent, act_name, act_slot))
+        layer = _Layer(parent, name, slot, bn_name, fused, act_name, act_slot)
+        for m in (slot, fused, act_slot):
+            if m is not None:
+                object.__setattr__(m, "_layer", layer)
         report.fused.append((full, kind, act))
         i += 2 + (act_slot is not None)
 
 
 def _walk(module, prefix, report):
     for name, child in list(module.named_children()):
-        if isinstance(child, (_ConvBNAct, _OurInvertedResidual, _FusedNorm, _ConvSlot,
-                              _ActSlot, _ResidualBlock)):
+        if isinstance(child, (_ConvBNAct, _OurInvertedResidual, _StandIn, _ResidualBlock)):
             continue  # already fused
         _walk(child, f"{prefix}{name}.", report)
         spec = _RESIDUAL_BLOCKS.get(_qualname(child))
@@ -569,7 +611,7 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False,
 def _revert_child(parent, name, child):
     """Put back the module a proxy stood in for, bound to the proxy's current
     parameters and buffers (they may have moved device or been reloaded)."""
-    if not isinstance(child, (_ResidualBlock, _ConvSlot, _FusedNorm, _ActSlot)):
+    if not isinstance(child, (_ResidualBlock, _StandIn)):
         return child
     orig = child._orig
     if isinstance(child, _ResidualBlock):
@@ -583,9 +625,9 @@ def _revert_child(parent, name, child):
                 setattr(orig, t, getattr(child, t))
         for n, m in child._modules.items():  # BatchNormAct2d's act and drop, as now
             setattr(orig, n, m)
-        orig.eps = child.eps
-        if not child.frozen:
-            orig.momentum = child.momentum
+        for a in ("eps", "momentum", "affine", "track_running_stats"):
+            if a in orig.__dict__:  # FrozenBatchNorm2d has no momentum
+                setattr(orig, a, getattr(child, a))
     orig.train(child.training)
     setattr(parent, name, orig)
     return orig
@@ -593,8 +635,20 @@ def _revert_child(parent, name, child):
 
 def revert(model: nn.Module) -> nn.Module:
     """Undo convert() in place: plain torch modules holding the current parameters
-    and buffers. Returns the model."""
+    and buffers. Returns the model. A stand-in with hooks or parametrizations
+    registered after convert() (pruning is both) cannot be reverted without losing
+    them: ValueError, before anything changes."""
+    for name, m in model.named_modules():
+        why = _not_plain(m, name) if isinstance(m, _StandIn) else None
+        if why is not None:
+            raise ValueError(f"revert: {why}, registered after convert(); remove it first "
+                             "(prune.remove, parametrize.remove_parametrizations, the hook's "
+                             "handle.remove()) or keep the converted model")
+    _revert(model)
+    return model
+
+
+def _revert(model):
     for name, child in list(model.named_children()):
         child = _revert_child(model, name, child)
-        revert(child)
-    return model
+        _revert(child)

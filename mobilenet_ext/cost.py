@@ -123,8 +123,9 @@ def profile(model: nn.Module, input_size=(1, 3, 224, 224)) -> Profile:
             for conv, in_hw in mod._mbx_fused_convs(x.shape[-2:], out.shape[-2:]):
                 count_conv(conv, in_hw)
 
-    # nn.Module's own method: convert()'s stand-ins warn that a hook sees the fused op's
-    # input, which this one knows (_mbx_fused_convs)
+    # nn.Module's own method: a hook registered through a convert() stand-in's own
+    # method would make its layer run unfused; this one keeps it fused, and
+    # _mbx_fused_convs says which conv each stand-in runs
     handles = [nn.Module.register_forward_hook(m, hook) for m in model.modules()]
     was_training = model.training
     try:

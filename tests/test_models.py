@@ -1,7 +1,8 @@
 """Fused modules, models, convert()/revert() and the cost model."""
 import copy
-import io
 import functools
+import io
+import sys
 
 import pytest
 import torch
@@ -237,21 +238,53 @@ def test_convert_detection_backbone():
         torch.testing.assert_close(got[k], want[k], atol=1e-10, rtol=1e-9, msg=k)
 
 
-def test_hooks_after_convert_warn_and_blocks_keep_their_attributes():
-    """A hook registered after convert() on a fused layer's stand-in (the conv and
-    BatchNorm positions) would see the fused op's input, not that layer's tensors: it
-    warns, naming the way out. A block whose add was fused still answers for the
-    replaced block's own attributes (read-only), and an unknown one still raises."""
-    fused = convert(torchvision.models.mobilenet_v2())
-    dw = fused.features[3].conv[1]
-    for stand_in in (dw[0], dw[1], fused.features[3].conv[2]):
-        with pytest.warns(UserWarning, match="register the hook before convert|revert"):
-            stand_in.register_forward_hook(lambda *_: None).remove()
-        with pytest.warns(UserWarning, match="stands in for a"):
-            stand_in.register_forward_pre_hook(lambda *_: None).remove()
+def test_hooks_after_convert_see_the_layers_own_tensors(monkeypatch):
+    """A hook registered after convert() on a fused layer's stand-in (the conv, BatchNorm
+    or activation position) makes that layer run unfused, so the hook sees what it sees
+    without convert(); so does a hook on a container that a block whose add was fused
+    opened up. Once the hooks are removed the layer runs fused again. A block whose add
+    was fused still answers for the replaced block's own attributes (read-only), and
+    an unknown one still raises."""
+    torch.manual_seed(0)
+    eager = randomise_bn(torchvision.models.mobilenet_v2(width_mult=0.35, dropout=0.0),
+                         bias_std=1.0).double().eval()
+    fused = convert(eager)
+    calls = []
+    module = sys.modules["mobilenet_ext.convert"]
+    op = module.fused_conv_bn_act
+    monkeypatch.setattr(module, "fused_conv_bn_act", lambda *a, **k: calls.append(1) or op(*a, **k))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    fused(x)
+    n_fused = len(calls)
+    assert n_fused == 51
+    seen = {}
+
+    def hooks(model, tag):
+        def hook(name):
+            def record(m, args, out):
+                seen[tag, name] = (args[0], out)
+            return record
+        dw = model.features[3].conv[1]  # depthwise conv, BatchNorm, ReLU6
+        return [dw[i].register_forward_hook(hook(i)) for i in range(3)] + \
+            [model.features[5].conv.register_forward_hook(hook("opened"))]
+
+    handles = hooks(eager, "eager") + hooks(fused, "fused")
+    calls.clear()
+    torch.testing.assert_close(fused(x), eager(x), atol=1e-12, rtol=1e-10)
+    # that layer unfused; the block runs its own forward, its layers still fused
+    assert len(calls) == n_fused - 1 and type(fused.features[5]).__name__ == "_ResidualBlock"
+    for name in (0, 1, 2, "opened"):
+        for a, b in zip(seen["fused", name], seen["eager", name]):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=str(name))
+    for h in handles:
+        h.remove()
+    calls.clear()
+    fused(x)
+    assert len(calls) == n_fused
     block = fused.features[3]
     assert type(block).__name__ == "_ResidualBlock"
-    assert (block.use_res_connect, block.out_channels, block.stride) == (True, 24, 1)
+    assert (block.use_res_connect, block.out_channels, block.stride) == \
+        (True, eager.features[3].out_channels, 1)
     with pytest.raises(AttributeError, match="_ResidualBlock"):
         block.no_such_attribute
 
@@ -803,11 +836,15 @@ def _same_steps(a, b, x, modes=(True, False)):
         torch.testing.assert_close(yb, ya, atol=1e-12 * ya.abs().max().item(), rtol=1e-10)
         ya.square().mean().backward()
         yb.square().mean().backward()
-        for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-9, rtol=1e-7,
+        pbs = dict(b.named_parameters())  # by name: the order may differ (pruning)
+        assert sorted(pbs) == sorted(n for n, _ in a.named_parameters())
+        for n, pa in a.named_parameters():
+            torch.testing.assert_close(pbs[n].grad, pa.grad, atol=1e-9, rtol=1e-7,
                                        msg=lambda m, n=n: f"{n}: {m}")
-    for (n, ba), bb in zip(a.named_buffers(), b.buffers()):
-        torch.testing.assert_close(bb, ba, atol=1e-12, rtol=1e-10, msg=lambda m, n=n: f"{n}: {m}")
+    bbs = dict(b.named_buffers())
+    assert sorted(bbs) == sorted(n for n, _ in a.named_buffers())
+    for n, ba in a.named_buffers():
+        torch.testing.assert_close(bbs[n], ba, atol=1e-12, rtol=1e-10, msg=lambda m, n=n: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("case", ["bias", "reflect", "stride12", "pad10", "dil21", "pw_stride",
@@ -906,6 +943,37 @@ def test_convert_stand_ins_are_batchnorms():
     _same_steps(eager, loaded, torch.randn(2, 3, 32, 32, dtype=torch.float64), modes=(False,))
 
 
+@pytest.mark.parametrize("bn", [dict(affine=False), dict(track_running_stats=False),
+                                dict(momentum=None), dict(affine=False, track_running_stats=False)])
+def test_convert_batchnorm_variants(bn):
+    """BatchNorm without affine parameters, without running statistics (batch
+    statistics in eval too) or with a cumulative average: fused, and the same steps."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+                          nn.BatchNorm2d(8, **bn), nn.ReLU6(), nn.Conv2d(8, 12, 1, bias=False),
+                          nn.BatchNorm2d(12, **bn)).double()
+    fused, report = convert(eager, return_report=True)
+    assert len(report.fused) == 2, report
+    for _ in range(2):
+        _same_steps(eager, fused, 3 * torch.randn(3, 8, 7, 9, dtype=torch.float64))
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def _unswap(model, case):
+    """Undo what _swap did where revert() cannot carry it over (ValueError)."""
+    if case == "prune_bn":
+        for m in model.modules():
+            if hasattr(m, "weight_orig"):
+                torch.nn.utils.prune.remove(m, "weight")
+    if case == "param_bn":
+        torch.nn.utils.parametrize.remove_parametrizations(model.features[2].conv[1][1],
+                                                           "weight")
+
+
 def _swap(model, case):
     """Swap a module of a (converted or eager) torchvision mobilenet_v2 the way `case`
     says, the same new modules for both (seeded)."""
@@ -925,6 +993,21 @@ def _swap(model, case):
         model.features[2].conv[0][2] = nn.ReLU()
     elif case == "timm_act":  # the activation inside a fused timm BatchNormAct2d
         model.blocks[1][0].bn1.act = nn.ReLU()
+    elif case == "insert":  # a module inserted between a fused conv and its BatchNorm
+        model.features[2].conv[0].insert(1, nn.Hardswish())
+    elif case == "insert_act":  # ... and between the BatchNorm and its activation
+        model.features[2].conv[0].insert(2, nn.Hardswish())
+    elif case == "copy_bn":  # a BatchNorm replaced by a deep copy of itself
+        model.features[2].conv[1][1] = copy.deepcopy(model.features[2].conv[1][1])
+    elif case == "prune_bn":  # network slimming: every BatchNorm's weight pruned
+        for m in list(model.modules()):
+            if isinstance(m, nn.BatchNorm2d):
+                torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.5)
+    elif case == "param_bn":  # a BatchNorm weight parametrized
+        torch.nn.utils.parametrize.register_parametrization(model.features[2].conv[1][1],
+                                                            "weight", _Double())
+    elif case == "timm_drop_path":  # the drop path of a timm block whose add was fused
+        model.blocks[2][1].drop_path = nn.Hardswish()
     elif case == "block_bn":  # the projection BN of a block whose add was fused
         bn = nn.BatchNorm2d(model.features[3].conv[3].num_features).double()
         model.features[3].conv[3] = randomise_bn(bn, bias_std=1.0)
@@ -937,7 +1020,9 @@ def _swap(model, case):
     return model
 
 
-SWAPS = ["sync_batchnorm", "timm_freeze", "timm_freeze_timm", "conv", "act", "timm_act", "block_bn", "block_container"]
+SWAPS = ["sync_batchnorm", "timm_freeze", "timm_freeze_timm", "conv", "act", "timm_act",
+         "insert", "insert_act", "copy_bn", "prune_bn", "param_bn", "timm_drop_path", "block_bn",
+         "block_container"]
 
 
 @pytest.mark.parametrize("case", SWAPS)
@@ -945,10 +1030,12 @@ def test_swapped_stand_ins_run_unfused(case):
     """A fused layer's stand-in swapped for another module after convert() (a BatchNorm
     by convert_sync_batchnorm or timm's freeze_batch_norm_2d, which find them by
     isinstance; a conv slot, an activation slot, a module inside a block whose add was
-    fused, by hand): that layer or block runs unfused with the new module in place,
-    and trains as eager does with the same swap; revert() then gives eager's modules."""
+    fused or its drop path, by hand), a module inserted between stand-ins, a BatchNorm
+    swapped for a copy of itself or pruned: that layer or block runs unfused, the new
+    module in place, and trains as eager does with the same change; cost.profile
+    counts each conv once; revert() then gives eager's modules."""
     torch.manual_seed(0)
-    if case.startswith("timm_") and case != "timm_freeze":
+    if case in ("timm_freeze_timm", "timm_act", "timm_drop_path"):
         eager = timm.create_model("mobilenetv2_050", num_classes=10, **NO_DROP)
         # the stand-ins a residual block's own children
         case = "timm_freeze" if case == "timm_freeze_timm" else case
@@ -965,6 +1052,14 @@ def test_swapped_stand_ins_run_unfused(case):
     size = 96 if isinstance(eager, timm.models.EfficientNet) else 64
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     _same_steps(eager, fused, x)
+    layers = lambda m: [(r.kind, r.params, r.macs) for r in cost.profile(m, (1, 3, 64, 64)).layers]
+    assert sorted(layers(fused)) == sorted(layers(eager))  # each conv counted once
+    if case in ("prune_bn", "param_bn"):  # what revert cannot carry over: removed first
+        with pytest.raises(ValueError, match="revert: .* after convert"):
+            revert(fused)
+        for m in (eager, fused):
+            _unswap(m, case)
+        _same_steps(eager, fused, x)
     reverted = revert(fused)
     assert [type(m) for m in reverted.modules()] == [type(m) for m in eager.modules()]
     _same_steps(eager, reverted, x)
