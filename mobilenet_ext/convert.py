@@ -145,26 +145,6 @@ class _StandIn:
         if self._layer is not None:
             self._layer.hooked = True
 
-    def register_forward_hook(self, *args, **kwargs):
-        self._mark_hooked()
-        return super().register_forward_hook(*args, **kwargs)
-
-    def register_forward_pre_hook(self, *args, **kwargs):
-        self._mark_hooked()
-        return super().register_forward_pre_hook(*args, **kwargs)
-
-    def register_full_backward_hook(self, *args, **kwargs):
-        self._mark_hooked()
-        return super().register_full_backward_hook(*args, **kwargs)
-
-    def register_full_backward_pre_hook(self, *args, **kwargs):
-        self._mark_hooked()
-        return super().register_full_backward_pre_hook(*args, **kwargs)
-
-    def register_backward_hook(self, *args, **kwargs):
-        self._mark_hooked()
-        return super().register_backward_hook(*args, **kwargs)
-
     def __deepcopy__(self, memo):
         """Deep-copied with the module holding it (the model), the copy's record points
         into the copied model; copied alone, the copy runs unfused wherever it is put,
@@ -181,6 +161,20 @@ class _StandIn:
             state["_layer"] = layer
         new.__setstate__(state)
         return new
+
+
+def _marks_hooked(name):
+    """nn.Module's hook registration `name`, noting the hook in the stand-in's _Layer."""
+    def register(self, *args, **kwargs):
+        self._mark_hooked()
+        return getattr(super(_StandIn, self), name)(*args, **kwargs)
+    register.__name__ = register.__qualname__ = name
+    return register
+
+
+for _name in ("register_forward_hook", "register_forward_pre_hook", "register_backward_hook",
+              "register_full_backward_hook", "register_full_backward_pre_hook"):
+    setattr(_StandIn, _name, _marks_hooked(_name))
 
 
 class _ConvSlot(_StandIn, nn.Module):

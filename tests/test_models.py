@@ -281,6 +281,13 @@ def test_hooks_after_convert_see_the_layers_own_tensors(monkeypatch):
     calls.clear()
     fused(x)
     assert len(calls) == n_fused
+    grads = {}  # a backward hook: the BatchNorm's own gradients, as without convert()
+    for model, tag in ((eager, "eager"), (fused, "fused")):
+        model.features[3].conv[3].register_full_backward_hook(  # (no in-place act after)
+            lambda m, gin, gout, tag=tag: grads.setdefault(tag, (gin[0], gout[0])) and None)
+        model(x.requires_grad_()).square().sum().backward()
+    for a, b in zip(grads["fused"], grads["eager"]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
     block = fused.features[3]
     assert type(block).__name__ == "_ResidualBlock"
     assert (block.use_res_connect, block.out_channels, block.stride) == \
