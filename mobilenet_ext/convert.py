@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from .nn import InvertedResidual as _OurInvertedResidual
-from .nn import _conv_kind, _ConvBNAct, _not_plain, fused_conv_bn_act
-from .reference import activation
+from .nn import _bn_state, _conv_kind, _ConvBNAct, _not_plain, fused_conv_bn_act
 
 torch.fx.wrap("fused_conv_bn_act")  # see nn.fused_conv_bn_act
 
@@ -89,6 +89,24 @@ def _has_hooks(m) -> bool:
                 m._backward_pre_hooks)
 
 
+def _global_hooks() -> bool:
+    """Hooks registered for every module (register_module_forward_hook, ...)."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks or
+                _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def _batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                track_running_stats, training, eps):
+    """nn.BatchNorm2d's forward as one function (recorded as one call by FX tracing:
+    torch.fx.wrap below), for a fused norm that runs unfused."""
+    rm, rv, use_batch, m = _bn_state(training, running_mean, running_var, num_batches_tracked,
+                                     momentum, track_running_stats)
+    return F.batch_norm(x, rm, rv, weight, bias, use_batch, m, eps)
+
+
+torch.fx.wrap("_batch_norm")
+
+
 class _Layer:
     """One fused layer: its stand-ins (conv slot, fused norm, activation slot or None),
     where convert() put them (children of `parent`) and the fused norm's own children
@@ -98,9 +116,11 @@ class _Layer:
     stand-in swapped for another module after convert() (found by isinstance:
     `nn.SyncBatchNorm.convert_sync_batchnorm`, timm's `freeze_batch_norm_2d`; or by
     hand), a hook registered on one, or a parametrized BatchNorm weight gives what the
-    model without convert() computes, and the fused op runs again once that is undone.
-    Not seen: stand-ins moved into another module (a new nn.Sequential of a model's
-    children) and swapped there; their old parent still holds them."""
+    model without convert() computes, and the fused op runs again once that is undone;
+    so do hooks registered for every module, or on the norm's own children. A replica
+    made by nn.DataParallel runs unfused (_StandIn._runs_fused). Not seen: stand-ins
+    moved into another module (a new nn.Sequential of a model's children) and swapped
+    there; their old parent still holds them."""
 
     __slots__ = ("parent", "slot_name", "slot", "bn_name", "bn", "act_name", "act", "kids",
                  "hooked")
@@ -122,9 +142,9 @@ class _Layer:
             if self.hooked:
                 return False
         own = self.bn._modules
-        if self.kids and any(own.get(n) is not k for n, k in self.kids):
+        if self.kids and any(own.get(n) is not k or _has_hooks(k) for n, k in self.kids):
             return False
-        return "parametrizations" not in own
+        return "parametrizations" not in own and not _global_hooks()
 
     @staticmethod
     def detached():
@@ -144,6 +164,11 @@ class _StandIn:
     def _mark_hooked(self):
         if self._layer is not None:
             self._layer.hooked = True
+
+    def _runs_fused(self) -> bool:
+        """_Layer.fused(), and this stand-in is not an nn.DataParallel replica (whose
+        parameters are plain attributes, its record the original modules')."""
+        return "_is_replica" not in self.__dict__ and self._layer.fused()
 
     def __deepcopy__(self, memo):
         """Deep-copied with the module holding it (the model), the copy's record points
@@ -188,14 +213,14 @@ class _ConvSlot(_StandIn, nn.Module):
         object.__setattr__(self, "_orig", conv)  # for revert(); not a submodule
 
     def forward(self, x):
-        if self._layer.fused():
+        if self._runs_fused():
             return x
         c = self._orig
         return F.conv2d(x, self.weight, None, c.stride, c.padding, c.dilation, c.groups)
 
     def _mbx_fused_convs(self, in_hw, out_hw):
         """cost.profile: the conv, when this slot runs it."""
-        return [] if self._layer.fused() else [(self._orig, in_hw)]
+        return [] if self._runs_fused() else [(self._orig, in_hw)]
 
     def extra_repr(self) -> str:
         c = self._orig
@@ -206,12 +231,16 @@ class _ActSlot(_StandIn, nn.Identity):
     """Where an activation module fused into the norm before it was: passes its input
     on, or runs the activation while its layer is not fused (_Layer)."""
 
-    def __init__(self, act: nn.Module):
+    def __init__(self, act: nn.Module, name: str):
         super().__init__()
+        self.fused_act, self.inplace = name, getattr(act, "inplace", False)
         object.__setattr__(self, "_orig", act)
 
     def forward(self, x):
-        return x if self._layer.fused() else self._orig(x)
+        if self._runs_fused() or self.fused_act == "identity":
+            return x
+        # the module's function, in place where it was (F.relu6, F.hardswish, ...)
+        return getattr(F, self.fused_act)(x, inplace=self.inplace)
 
     def extra_repr(self) -> str:
         return f"{type(self._orig).__name__} (fused into the BatchNorm before it)"
@@ -252,10 +281,8 @@ class _FusedNorm(_StandIn):
         """scale: a per-channel layer scale gamma after the BN (identity act only),
         applied to the BN's weight and bias."""
         layer = self._layer
-        if not layer.fused():  # x is the conv's output (the slot's or its replacement's)
-            y = self._base.forward(self, x)
-            y = y if scale is None else y * scale
-            return y if residual is None else y + residual
+        if not self._runs_fused():  # x: the conv's output (the slot's or its replacement's)
+            return self._unfused(x, residual, scale)
         conv = dict(stride=self.stride, padding=self.padding, dilation=self.dilation) \
             if self.kind == "depthwise" else dict(residual=residual)
         # FrozenBatchNorm2d: eval-mode BN whatever the module's mode
@@ -277,9 +304,22 @@ class _FusedNorm(_StandIn):
                                  self.momentum, self.track_running_stats, training, self.eps,
                                  self.fused_act, **conv)
 
+    def _unfused(self, x, residual, scale):
+        """The BatchNorm's own forward (a BatchNormAct2d's drop and act after it); its
+        tensors by attribute: a pruned or parametrized weight, a replica's copies."""
+        b = self._buffers
+        y = _batch_norm(x, self.weight, self.bias, b["running_mean"], b["running_var"],
+                        b.get("num_batches_tracked"), self.momentum, self.track_running_stats,
+                        self.training and not self.frozen, self.eps)
+        for name in ("drop", "act"):  # BatchNormAct2d: y = act(drop(bn(x)))
+            if name in self._modules:
+                y = self._modules[name](y)
+        y = y if scale is None else y * scale
+        return y if residual is None else y + residual
+
     def _mbx_fused_convs(self, in_hw, out_hw):
         """cost.profile: the conv, when this norm runs it."""
-        return [(self._layer.slot._orig, in_hw)] if self._layer.fused() else []
+        return [(self._layer.slot._orig, in_hw)] if self._runs_fused() else []
 
     def extra_repr(self) -> str:
         if self.frozen:
@@ -414,21 +454,22 @@ class _ResidualBlock(nn.Module):
     block's children under their own names, its body run as a chain whose last fused
     BN gets the block input as residual. While stochastic depth / drop path is active
     (training with p > 0) the add runs after it, as in the block's own forward. The
-    block's own forward runs, on its current children, while a module of the body or
-    its drop path is not the one convert() found (_residual_chain's sites) or a
-    container it opened up has a hook. (The projection's norm takes the residual unfused
-    too, _FusedNorm.)"""
+    block's own forward runs, on its current children, while _changed() says so."""
 
     def __init__(self, block: nn.Module, spec: _ResidualSpec, chain: list, sites: list,
                  scale=None):
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, child)
-        self.drop_name = spec.drop
+        self.drop_name, self.flag_name = spec.drop, spec.flag
         object.__setattr__(self, "_chain", chain)
         object.__setattr__(self, "_sites", [(self if p is block else p, n, m) for p, n, m in sites])
-        # the containers of the body it opened up, which it no longer calls
-        object.__setattr__(self, "_opened", [m for _, _, m in sites if _runs_children(m)])
+        # what the fused forward does not call (opened containers, trailing identities,
+        # the layer scale, the drop path), and the opened containers' sizes
+        called = {id(m) for m in chain}
+        object.__setattr__(self, "_uncalled", [m for _, _, m in sites if id(m) not in called])
+        object.__setattr__(self, "_opened", [(m, len(m._modules)) for m in self._uncalled
+                                             if _runs_children(m)])
         for m in self.modules():  # the block's own stand-ins now live here
             if isinstance(m, _StandIn) and m._layer.parent is block:
                 m._layer.parent = self
@@ -436,13 +477,30 @@ class _ResidualBlock(nn.Module):
         object.__setattr__(self, "_orig", block)
         self.train(block.training)
 
-    def forward(self, x):
-        *head, last = self._chain
+    def _changed(self) -> bool:
+        """Whether the fused forward would differ from the block's own: an
+        nn.DataParallel replica; the block's flag (use_res_connect, has_skip) set on
+        it; a module of the body or its drop path not the one convert() found
+        (_residual_chain's sites); a module appended to a container it opened up; a
+        hook on a module it does not call; the projection's layer not fused (_Layer:
+        the norm would add the residual inside its hooks)."""
+        d = self.__dict__
+        if "_is_replica" in d or d.get(self.flag_name, True) is not True:
+            return True
         for site in self._sites:
             if site[0]._modules.get(site[1]) is not site[2]:
-                return type(self._orig).forward(self, x)
-        if any(_has_hooks(m) for m in self._opened):
+                return True
+        for m, n in self._opened:
+            if len(m._modules) != n:
+                return True
+        if any(_has_hooks(m) for m in self._uncalled):
+            return True
+        return not self._chain[-1]._layer.fused()
+
+    def forward(self, x):
+        if self._changed():
             return type(self._orig).forward(self, x)
+        *head, last = self._chain
         h = x
         for m in head:
             h = m(h)
@@ -542,7 +600,7 @@ def _fuse_children(parent, prefix, report):
             act_name, act_mod = children[i + 2]
             if _act_name(act_mod) is not None and _not_plain(act_mod, "") is None:
                 act = _act_name(act_mod)
-                act_slot = _ActSlot(act_mod)
+                act_slot = _ActSlot(act_mod, act)
                 setattr(parent, act_name, act_slot)
         slot = _ConvSlot(conv)
         fused = _fused_class(type(bn))(bn, conv, kind, act)
@@ -611,6 +669,9 @@ def _revert_child(parent, name, child):
     if isinstance(child, _ResidualBlock):
         for n, m in child.named_children():
             setattr(orig, n, m)
+        for k, v in child.__dict__.items():  # attributes set on it (use_res_connect, ...)
+            if not k.startswith("_") and k not in ("training", "drop_name", "flag_name"):
+                setattr(orig, k, v)
     elif isinstance(child, _ConvSlot):
         orig.weight = child.weight
     elif isinstance(child, _FusedNorm):

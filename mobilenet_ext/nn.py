@@ -108,8 +108,10 @@ def _runs_fused(conv, bn, kind) -> bool:
     else runs as separate modules (_unfused), e.g. after
     `nn.SyncBatchNorm.convert_sync_batchnorm` swapped in a SyncBatchNorm (whose
     statistics are reduced across processes), pruning, or a conv with a bias: slower,
-    never silently different."""
+    never silently different. An nn.DataParallel replica (its parameters plain
+    attributes) runs unfused too."""
     return type(bn) is nn.BatchNorm2d and type(conv) is nn.Conv2d and \
+        "_is_replica" not in bn.__dict__ and \
         _not_plain(conv, "") is None and _not_plain(bn, "") is None and \
         _conv_kind(conv)[0] == kind
 

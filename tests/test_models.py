@@ -266,14 +266,16 @@ def test_hooks_after_convert_see_the_layers_own_tensors(monkeypatch):
             return record
         dw = model.features[3].conv[1]  # depthwise conv, BatchNorm, ReLU6
         return [dw[i].register_forward_hook(hook(i)) for i in range(3)] + \
-            [model.features[5].conv.register_forward_hook(hook("opened"))]
+            [model.features[5].conv.register_forward_hook(hook("opened")),
+             model.features[6].conv[3].register_forward_hook(hook("projection"))]
 
     handles = hooks(eager, "eager") + hooks(fused, "fused")
     calls.clear()
     torch.testing.assert_close(fused(x), eager(x), atol=1e-12, rtol=1e-10)
-    # that layer unfused; the block runs its own forward, its layers still fused
-    assert len(calls) == n_fused - 1 and type(fused.features[5]).__name__ == "_ResidualBlock"
-    for name in (0, 1, 2, "opened"):
+    # those two layers unfused; the blocks run their own forward, their layers still fused
+    assert len(calls) == n_fused - 2
+    assert {type(fused.features[i]).__name__ for i in (5, 6)} == {"_ResidualBlock"}
+    for name in (0, 1, 2, "opened", "projection"):
         for a, b in zip(seen["fused", name], seen["eager", name]):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=str(name))
     for h in handles:
@@ -281,6 +283,15 @@ def test_hooks_after_convert_see_the_layers_own_tensors(monkeypatch):
     calls.clear()
     fused(x)
     assert len(calls) == n_fused
+    # a hook for every module: every layer unfused, each module's own tensors
+    bn_inputs_plus_one = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: (args[0] + 1,) if isinstance(m, nn.BatchNorm2d) else None)
+    try:
+        calls.clear()
+        torch.testing.assert_close(fused(x), eager(x), atol=1e-12, rtol=1e-10)
+        assert not calls
+    finally:
+        bn_inputs_plus_one.remove()
     grads = {}  # a backward hook: the BatchNorm's own gradients, as without convert()
     for model, tag in ((eager, "eager"), (fused, "fused")):
         model.features[3].conv[3].register_full_backward_hook(  # (no in-place act after)
@@ -1015,6 +1026,10 @@ def _swap(model, case):
                                                             "weight", _Double())
     elif case == "timm_drop_path":  # the drop path of a timm block whose add was fused
         model.blocks[2][1].drop_path = nn.Hardswish()
+    elif case == "block_append":  # a module appended to the body of such a block
+        model.features[3].conv.append(nn.Hardswish())
+    elif case == "res_flag":  # the residual add of such a block switched off
+        model.features[3].use_res_connect = False
     elif case == "block_bn":  # the projection BN of a block whose add was fused
         bn = nn.BatchNorm2d(model.features[3].conv[3].num_features).double()
         model.features[3].conv[3] = randomise_bn(bn, bias_std=1.0)
@@ -1028,7 +1043,8 @@ def _swap(model, case):
 
 
 SWAPS = ["sync_batchnorm", "timm_freeze", "timm_freeze_timm", "conv", "act", "timm_act",
-         "insert", "insert_act", "copy_bn", "prune_bn", "param_bn", "timm_drop_path", "block_bn",
+         "insert", "insert_act", "copy_bn", "prune_bn", "param_bn", "timm_drop_path",
+         "block_append", "res_flag", "block_bn",
          "block_container"]
 
 
@@ -1059,6 +1075,9 @@ def test_swapped_stand_ins_run_unfused(case):
     size = 96 if isinstance(eager, timm.models.EfficientNet) else 64
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     _same_steps(eager, fused, x)
+    if not isinstance(eager, timm.models.EfficientNet) and "prune" not in case:
+        with torch.no_grad():  # FX traces the unfused parts (prune: its hook is not run)
+            torch.testing.assert_close(torch.fx.symbolic_trace(fused.eval())(x), fused(x))
     layers = lambda m: [(r.kind, r.params, r.macs) for r in cost.profile(m, (1, 3, 64, 64)).layers]
     assert sorted(layers(fused)) == sorted(layers(eager))  # each conv counted once
     if case in ("prune_bn", "param_bn"):  # what revert cannot carry over: removed first
@@ -1070,6 +1089,69 @@ def test_swapped_stand_ins_run_unfused(case):
     reverted = revert(fused)
     assert [type(m) for m in reverted.modules()] == [type(m) for m in eager.modules()]
     _same_steps(eager, reverted, x)
+
+
+def test_hooks_on_modules_the_fused_op_skips():
+    """Hooks on modules that a fused layer or block does not call itself (a timm
+    BatchNormAct2d's act, a block's drop path in eval) run, as without convert()."""
+    torch.manual_seed(0)
+    eager = randomise_bn(timm.create_model("mobilenetv2_050", num_classes=10, **NO_DROP),
+                         bias_std=1.0).double().eval()
+    fused = convert(eager)
+    seen = {}
+    for model, tag in ((eager, "eager"), (fused, "fused")):
+        for name in ("blocks.1.0.bn1.act", "blocks.2.1.drop_path"):
+            def record(m, args, out, key=(tag, name)):
+                seen[key] = out * 1
+            model.get_submodule(name).register_forward_hook(record)
+            # a hook that changes the output changes the model's
+            model.get_submodule(name).register_forward_hook(lambda m, args, out: out * 0.5)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x), atol=1e-12, rtol=1e-10)
+    for name in ("blocks.1.0.bn1.act", "blocks.2.1.drop_path"):
+        torch.testing.assert_close(seen["fused", name], seen["eager", name], atol=1e-12,
+                                   rtol=1e-10)
+
+
+def test_data_parallel_replicas_run_unfused(monkeypatch):
+    """nn.DataParallel's replicas (torch's own replicate(), its CUDA broadcast replaced
+    by a differentiable copy so that it runs on the CPU): a converted model's and our
+    fused modules' replicas compute the model's outputs from their own copies of the
+    parameters (the model's are NaN meanwhile), and their gradients reach the model's
+    parameters, as an unconverted model's replicas do."""
+    replicate = sys.modules["torch.nn.parallel.replicate"]
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape", lambda ts, devs, detach=False:
+                        [[t.detach().clone() if detach else t * 1 for t in ts] for _ in devs])
+    monkeypatch.setattr(replicate, "_get_device_index", lambda d, optional=False: d)
+    torch.manual_seed(0)
+    original = randomise_bn(torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10,
+                                                            dropout=0.0), bias_std=1.0).double()
+
+    def ours(eager):
+        m = models.mobilenet_v2(width_mult=0.35, num_classes=10, dropout=0.0).double()
+        m.load_state_dict(eager.state_dict())
+        return m
+
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for make in (convert, ours):
+        for training in (False, True):
+            eager = copy.deepcopy(original).train(training)
+            model = make(eager).train(training)
+            replica = replicate.replicate(model, [0, 1])[1]
+            with torch.no_grad():  # on a GPU they would be on another device: never read
+                for t in (*model.parameters(), *model.buffers()):
+                    if t.is_floating_point():
+                        t.fill_(float("nan"))
+            ya, yb = eager(x), replica(x)
+            torch.testing.assert_close(yb, ya, atol=1e-12, rtol=1e-10)
+            eager.zero_grad()
+            model.zero_grad()
+            ya.square().mean().backward()
+            yb.square().mean().backward()
+            grads = dict(model.named_parameters())
+            for n, p in eager.named_parameters():
+                torch.testing.assert_close(grads[n].grad, p.grad, atol=1e-9, rtol=1e-7, msg=n)
 
 
 def test_convert_pairs_only_adjacent_layers():
