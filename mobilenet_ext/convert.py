@@ -123,15 +123,18 @@ class _Layer:
     there; their old parent still holds them."""
 
     __slots__ = ("parent", "slot_name", "slot", "bn_name", "bn", "act_name", "act", "kids",
-                 "hooked")
+                 "hooked", "altered")
 
     def __init__(self, parent, slot_name, slot, bn_name, bn, act_name, act):
         self.parent, self.slot_name, self.slot = parent, slot_name, slot
         self.bn_name, self.bn, self.act_name, self.act = bn_name, bn, act_name, act
         self.kids = tuple(bn._modules.items())
         self.hooked = False  # set by a hook registration on a stand-in, cleared lazily
+        self.altered = False  # a slot's settings changed: unfused for good
 
     def fused(self) -> bool:
+        if self.altered:
+            return False
         m = self.parent._modules
         if m.get(self.bn_name) is not self.bn or m.get(self.slot_name) is not self.slot or \
                 (self.act is not None and m.get(self.act_name) is not self.act):
@@ -202,60 +205,90 @@ for _name in ("register_forward_hook", "register_forward_pre_hook", "register_ba
     setattr(_StandIn, _name, _marks_hooked(_name))
 
 
-class _ConvSlot(_StandIn, nn.Module):
-    """Where a fused Conv2d was: keeps its weight and passes its input on to the fused
-    norm after it, which runs the conv; runs the conv itself while its layer is not
-    fused (_Layer)."""
+def _copy_settings(stand_in, orig):
+    """The replaced module's own settings (a Conv2d's in_channels ... padding_mode, an
+    activation's inplace), which the stand-in's class (a subclass of the replaced
+    one, whose __init__ is not run) reads."""
+    for k, v in orig.__dict__.items():
+        if k not in stand_in.__dict__ and (not k.startswith("_") or
+                                           k == "_reversed_padding_repeated_twice"):
+            object.__setattr__(stand_in, k, v)
+
+
+class _ConvSlot(_StandIn):
+    """Where a fused Conv2d was: an instance of the conv's own class (isinstance finds
+    it where it found the conv: weight init, freezing, swaps) with its weight and
+    settings, passing its input on to the fused norm after it, which runs the conv;
+    runs the conv itself while its layer is not fused (_Layer). Setting its geometry
+    (stride, padding, dilation, groups, padding_mode, bias) after convert() unfuses the
+    layer for good."""
+
+    _GEOMETRY = frozenset(("stride", "padding", "dilation", "groups", "padding_mode", "bias",
+                           "kernel_size", "_reversed_padding_repeated_twice"))
 
     def __init__(self, conv: nn.Conv2d):
-        super().__init__()
+        nn.Module.__init__(self)
         self.weight = conv.weight
+        self.register_parameter("bias", conv.bias)
+        _copy_settings(self, conv)
         object.__setattr__(self, "_orig", conv)  # for revert(); not a submodule
+
+    def __setattr__(self, name, value):
+        if name in self._GEOMETRY and self._layer is not None:
+            self._layer.altered = True
+        super().__setattr__(name, value)
 
     def forward(self, x):
         if self._runs_fused():
             return x
-        c = self._orig
-        return F.conv2d(x, self.weight, None, c.stride, c.padding, c.dilation, c.groups)
-
-    def _mbx_fused_convs(self, in_hw, out_hw):
-        """cost.profile: the conv, when this slot runs it."""
-        return [] if self._runs_fused() else [(self._orig, in_hw)]
+        return self._conv_forward(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        c = self._orig
-        return f"{c.in_channels}, {c.out_channels}, kernel_size={c.kernel_size} (fused into the next)"
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}" \
+            " (fused into the next)"
+
+    def __reduce_ex__(self, protocol):
+        return _new_fused, (_ConvSlot, self._base), self.__dict__
 
 
-class _ActSlot(_StandIn, nn.Identity):
-    """Where an activation module fused into the norm before it was: passes its input
-    on, or runs the activation while its layer is not fused (_Layer)."""
+class _ActSlot(_StandIn):
+    """Where an activation module fused into the norm before it was: an instance of
+    its class, passing its input on, or running the activation while its layer is not
+    fused (_Layer). Setting one of its settings but `inplace` unfuses the layer."""
 
     def __init__(self, act: nn.Module, name: str):
-        super().__init__()
-        self.fused_act, self.inplace = name, getattr(act, "inplace", False)
+        nn.Module.__init__(self)
+        _copy_settings(self, act)
+        self.fused_act = name
         object.__setattr__(self, "_orig", act)
+
+    def __setattr__(self, name, value):
+        if name not in ("inplace", "training") and self._layer is not None:
+            self._layer.altered = True
+        super().__setattr__(name, value)
 
     def forward(self, x):
         if self._runs_fused() or self.fused_act == "identity":
             return x
         # the module's function, in place where it was (F.relu6, F.hardswish, ...)
-        return getattr(F, self.fused_act)(x, inplace=self.inplace)
+        return getattr(F, self.fused_act)(x, inplace=getattr(self, "inplace", False))
 
     def extra_repr(self) -> str:
         return f"{type(self._orig).__name__} (fused into the BatchNorm before it)"
+
+    def __reduce_ex__(self, protocol):
+        return _new_fused, (_ActSlot, self._base), self.__dict__
 
 
 class _FusedNorm(_StandIn):
     """Where the BatchNorm was: its parameters and buffers (and a BatchNormAct2d's act
     and drop children) under the same names, and the fused conv + BN + activation
-    (+ residual) on the conv's input. Each instance is of _fused_class(type(bn)), a
-    subclass of the replaced BatchNorm's own class (whose __init__ is not run), so
+    (+ residual) on the conv's input. Each instance is of _fused_class(_FusedNorm,
+    type(bn)), a subclass of the replaced BatchNorm's own class (whose __init__ is not
+    run), so
     code that finds BatchNorms by isinstance (to put them in eval mode for
     fine-tuning, to leave them out of weight decay, to set their momentum, to swap
     them: _Layer) finds it, as it found the BatchNorm."""
-
-    __repr__ = nn.Module.__repr__  # FrozenBatchNorm2d has a __repr__ of its own
 
     def __init__(self, bn: nn.Module, conv: nn.Conv2d, kind: str, act: str):
         nn.Module.__init__(self)
@@ -319,7 +352,7 @@ class _FusedNorm(_StandIn):
 
     def _mbx_fused_convs(self, in_hw, out_hw):
         """cost.profile: the conv, when this norm runs it."""
-        return [(self._layer.slot._orig, in_hw)] if self._runs_fused() else []
+        return [(self._layer.slot, in_hw)] if self._runs_fused() else []
 
     def extra_repr(self) -> str:
         if self.frozen:
@@ -327,27 +360,28 @@ class _FusedNorm(_StandIn):
         return f"{self.kind}, act={self.fused_act!r}, eps={self.eps}, momentum={self.momentum}"
 
     def __reduce_ex__(self, protocol):
-        # pickled (torch.save of a whole model) by its BatchNorm class: _new_fused
-        return _new_fused, (self._base,), self.__dict__
+        return _new_fused, (_FusedNorm, self._base), self.__dict__
 
 
 _FUSED_CLASSES = {}
 
 
-def _fused_class(base: type) -> type:
-    """The stand-in class for BatchNorm class `base` (_FusedNorm), made once per class."""
-    cls = _FUSED_CLASSES.get(base)
+def _fused_class(kind: type, base: type) -> type:
+    """The stand-in class `kind` (_ConvSlot, _FusedNorm, _ActSlot) for a module of class
+    `base`: a subclass of both, made once per pair."""
+    cls = _FUSED_CLASSES.get((kind, base))
     if cls is None:
         frozen = f"{base.__module__}.{base.__qualname__}" == _FROZEN_BN
-        cls = type(f"Fused{base.__name__}", (_FusedNorm, base),
-                   {"__module__": __name__, "_base": base, "frozen": frozen})
-        _FUSED_CLASSES[base] = cls
+        cls = type(f"Fused{base.__name__}", (kind, base),
+                   {"__module__": __name__, "_base": base, "frozen": frozen,
+                    "__repr__": nn.Module.__repr__})  # FrozenBatchNorm2d has its own
+        _FUSED_CLASSES[kind, base] = cls
     return cls
 
 
-def _new_fused(base: type):
-    """An empty stand-in for BatchNorm class `base`, for unpickling (_FusedNorm)."""
-    cls = _fused_class(base)
+def _new_fused(kind: type, base: type):
+    """An empty stand-in, for unpickling (a stand-in is pickled by its classes)."""
+    cls = _fused_class(kind, base)
     return cls.__new__(cls)
 
 
@@ -600,10 +634,10 @@ def _fuse_children(parent, prefix, report):
             act_name, act_mod = children[i + 2]
             if _act_name(act_mod) is not None and _not_plain(act_mod, "") is None:
                 act = _act_name(act_mod)
-                act_slot = _ActSlot(act_mod, act)
+                act_slot = _fused_class(_ActSlot, type(act_mod))(act_mod, act)
                 setattr(parent, act_name, act_slot)
-        slot = _ConvSlot(conv)
-        fused = _fused_class(type(bn))(bn, conv, kind, act)
+        slot = _fused_class(_ConvSlot, type(conv))(conv)
+        fused = _fused_class(_FusedNorm, type(bn))(bn, conv, kind, act)
         setattr(parent, name, slot)
         setattr(parent, bn_name, fused)
         layer = _Layer(parent, name, slot, bn_name, fused, act_name, act_slot)
@@ -672,8 +706,13 @@ def _revert_child(parent, name, child):
         for k, v in child.__dict__.items():  # attributes set on it (use_res_connect, ...)
             if not k.startswith("_") and k not in ("training", "drop_name", "flag_name"):
                 setattr(orig, k, v)
-    elif isinstance(child, _ConvSlot):
-        orig.weight = child.weight
+    elif isinstance(child, (_ConvSlot, _ActSlot)):  # weight, bias and settings as now
+        for k, v in child.__dict__.items():
+            if k in orig.__dict__ and k != "training" and (
+                    not k.startswith("_") or k == "_reversed_padding_repeated_twice"):
+                setattr(orig, k, v)
+        if isinstance(child, _ConvSlot):
+            orig.weight, orig.bias = child.weight, child.bias
     elif isinstance(child, _FusedNorm):
         for t in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             if hasattr(orig, t):  # FrozenBatchNorm2d has no num_batches_tracked

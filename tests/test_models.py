@@ -921,12 +921,14 @@ def _bn_names(model, cls=nn.BatchNorm2d):
     return [n for n, m in model.named_modules() if isinstance(m, cls)]
 
 
-def test_convert_stand_ins_are_batchnorms():
-    """Code that finds BatchNorms by isinstance finds the fused ones: the same modules
-    (timm's BatchNormAct2d as such), torchvision's reference recipe leaves the same
-    parameters out of weight decay, and freezing BatchNorm for fine-tuning (bn.eval()
-    and a new momentum on every BatchNorm of a model in training) trains as in eager.
-    A whole converted model pickles (torch.save) and loads as the same classes."""
+def test_convert_stand_ins_are_the_replaced_classes():
+    """Code that finds BatchNorms, convs or activations by isinstance finds the fused
+    ones' stand-ins: the same modules (timm's BatchNormAct2d as such); torchvision's
+    reference recipe leaves the same parameters out of weight decay; freezing
+    BatchNorm for fine-tuning (bn.eval() and a new momentum on every BatchNorm of a
+    model in training), a Kaiming init of every conv, freezing the depthwise convs and
+    swapping every ReLU6 for Hardswish train as in eager. A whole converted model
+    pickles (torch.save) and loads as the same classes."""
     from timm.layers import BatchNormAct2d
     from torchvision.ops._utils import split_normalization_params
     torch.manual_seed(0)
@@ -939,15 +941,24 @@ def test_convert_stand_ins_are_batchnorms():
         return [sorted(names[id(p)] for p in g) for g in split_normalization_params(model)]
 
     assert groups(fused) == groups(eager) and len(groups(eager)[0]) == 2 * 52
+    for cls in (nn.Conv2d, nn.ReLU6):
+        assert _bn_names(fused, cls) == _bn_names(eager, cls)
     timm_eager = timm.create_model("mobilenetv2_050", **NO_DROP)
     assert _bn_names(convert(timm_eager), BatchNormAct2d) == _bn_names(timm_eager, BatchNormAct2d)
     for m in (eager, fused):
         m.train()
-        for bn in m.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.momentum = 0.3
-                if bn.num_features > 100:
-                    bn.eval()
+        torch.manual_seed(5)
+        for name, mod in list(m.named_modules()):
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.momentum = 0.3
+                if mod.num_features > 100:
+                    mod.eval()
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, mode="fan_out")
+                mod.weight.requires_grad_(mod.groups == 1)
+            for child_name, child in list(mod.named_children()):
+                if isinstance(child, nn.ReLU6) and "features.4" in f"{name}.{child_name}":
+                    setattr(mod, child_name, nn.Hardswish())
     for _ in range(2):
         _same_steps(eager, fused, torch.randn(2, 3, 32, 32, dtype=torch.float64),
                     modes=(None,))
@@ -1026,6 +1037,9 @@ def _swap(model, case):
                                                             "weight", _Double())
     elif case == "timm_drop_path":  # the drop path of a timm block whose add was fused
         model.blocks[2][1].drop_path = nn.Hardswish()
+    elif case == "conv_geometry":  # a fused depthwise conv dilated (output stride)
+        conv = model.features[2].conv[1][0]
+        conv.dilation, conv.padding = (2, 2), (2, 2)
     elif case == "block_append":  # a module appended to the body of such a block
         model.features[3].conv.append(nn.Hardswish())
     elif case == "res_flag":  # the residual add of such a block switched off
@@ -1044,7 +1058,7 @@ def _swap(model, case):
 
 SWAPS = ["sync_batchnorm", "timm_freeze", "timm_freeze_timm", "conv", "act", "timm_act",
          "insert", "insert_act", "copy_bn", "prune_bn", "param_bn", "timm_drop_path",
-         "block_append", "res_flag", "block_bn",
+         "conv_geometry", "block_append", "res_flag", "block_bn",
          "block_container"]
 
 
