@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from .nn import InvertedResidual as _OurInvertedResidual
-from .nn import _bn_state, _conv_kind, _ConvBNAct, _not_plain, fused_conv_bn_act
+from .nn import _bn_state, _conv_kind, _ConvBNAct, _has_hooks, _not_plain, fused_conv_bn_act
 
 torch.fx.wrap("fused_conv_bn_act")  # see nn.fused_conv_bn_act
 
@@ -82,11 +82,6 @@ class ConvertReport:
             lines += [f"  fused  {n}: residual add" for n in self.residual]
         lines += [f"  left   {n}: {why}" for n, why in self.left]
         return "\n".join(lines)
-
-
-def _has_hooks(m) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or
-                m._backward_pre_hooks)
 
 
 def _global_hooks() -> bool:
@@ -190,6 +185,10 @@ class _StandIn:
         new.__setstate__(state)
         return new
 
+    def __reduce_ex__(self, protocol):
+        # pickled (torch.save of a whole model) by its two classes: _new_fused
+        return _new_fused, (self._kind, self._base), self.__dict__
+
 
 def _marks_hooked(name):
     """nn.Module's hook registration `name`, noting the hook in the stand-in's _Layer."""
@@ -205,13 +204,17 @@ for _name in ("register_forward_hook", "register_forward_pre_hook", "register_ba
     setattr(_StandIn, _name, _marks_hooked(_name))
 
 
+def _is_setting(key: str) -> bool:
+    """Whether `key` of a module's __dict__ is one of its own settings (a Conv2d's
+    in_channels ... padding_mode, an activation's inplace), not nn.Module state."""
+    return not key.startswith("_") or key == "_reversed_padding_repeated_twice"
+
+
 def _copy_settings(stand_in, orig):
-    """The replaced module's own settings (a Conv2d's in_channels ... padding_mode, an
-    activation's inplace), which the stand-in's class (a subclass of the replaced
-    one, whose __init__ is not run) reads."""
+    """The replaced module's settings, which the stand-in's class (a subclass of the
+    replaced one, whose __init__ is not run) reads."""
     for k, v in orig.__dict__.items():
-        if k not in stand_in.__dict__ and (not k.startswith("_") or
-                                           k == "_reversed_padding_repeated_twice"):
+        if k not in stand_in.__dict__ and _is_setting(k):
             object.__setattr__(stand_in, k, v)
 
 
@@ -247,9 +250,6 @@ class _ConvSlot(_StandIn):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}" \
             " (fused into the next)"
 
-    def __reduce_ex__(self, protocol):
-        return _new_fused, (_ConvSlot, self._base), self.__dict__
-
 
 class _ActSlot(_StandIn):
     """Where an activation module fused into the norm before it was: an instance of
@@ -276,17 +276,13 @@ class _ActSlot(_StandIn):
     def extra_repr(self) -> str:
         return f"{type(self._orig).__name__} (fused into the BatchNorm before it)"
 
-    def __reduce_ex__(self, protocol):
-        return _new_fused, (_ActSlot, self._base), self.__dict__
-
 
 class _FusedNorm(_StandIn):
     """Where the BatchNorm was: its parameters and buffers (and a BatchNormAct2d's act
     and drop children) under the same names, and the fused conv + BN + activation
     (+ residual) on the conv's input. Each instance is of _fused_class(_FusedNorm,
     type(bn)), a subclass of the replaced BatchNorm's own class (whose __init__ is not
-    run), so
-    code that finds BatchNorms by isinstance (to put them in eval mode for
+    run), so code that finds BatchNorms by isinstance (to put them in eval mode for
     fine-tuning, to leave them out of weight decay, to set their momentum, to swap
     them: _Layer) finds it, as it found the BatchNorm."""
 
@@ -359,9 +355,6 @@ class _FusedNorm(_StandIn):
             return f"{self.kind}, act={self.fused_act!r}, eps={self.eps}, frozen"
         return f"{self.kind}, act={self.fused_act!r}, eps={self.eps}, momentum={self.momentum}"
 
-    def __reduce_ex__(self, protocol):
-        return _new_fused, (_FusedNorm, self._base), self.__dict__
-
 
 _FUSED_CLASSES = {}
 
@@ -373,7 +366,7 @@ def _fused_class(kind: type, base: type) -> type:
     if cls is None:
         frozen = f"{base.__module__}.{base.__qualname__}" == _FROZEN_BN
         cls = type(f"Fused{base.__name__}", (kind, base),
-                   {"__module__": __name__, "_base": base, "frozen": frozen,
+                   {"__module__": __name__, "_kind": kind, "_base": base, "frozen": frozen,
                     "__repr__": nn.Module.__repr__})  # FrozenBatchNorm2d has its own
         _FUSED_CLASSES[kind, base] = cls
     return cls
@@ -708,8 +701,7 @@ def _revert_child(parent, name, child):
                 setattr(orig, k, v)
     elif isinstance(child, (_ConvSlot, _ActSlot)):  # weight, bias and settings as now
         for k, v in child.__dict__.items():
-            if k in orig.__dict__ and k != "training" and (
-                    not k.startswith("_") or k == "_reversed_padding_repeated_twice"):
+            if k in orig.__dict__ and k != "training" and _is_setting(k):
                 setattr(orig, k, v)
         if isinstance(child, _ConvSlot):
             orig.weight, orig.bias = child.weight, child.bias

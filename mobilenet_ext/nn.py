@@ -90,13 +90,18 @@ def _conv_kind(conv: nn.Conv2d):
                   f"pointwise conv (k={k}, stride={s}, dilation={d}, groups={conv.groups})")
 
 
+def _has_hooks(m) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or
+                m._backward_pre_hooks)
+
+
 def _not_plain(m, what):
     """Why module m cannot run inside a fused op, or None: hooks would not run (pruning
     and the legacy weight_norm/spectral_norm are forward pre-hooks), and a parametrized
     weight would not be computed."""
     if "parametrizations" in m._modules:  # parametrize.is_parametrized, ~2 us faster
         return f"{what} is parametrized (torch.nn.utils.parametrize)"
-    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+    if _has_hooks(m):
         return f"{what} has hooks (pruning, weight_norm, user hooks), which would not run"
     return None
 
