@@ -220,7 +220,8 @@ def test_dw_tile(monkeypatch, case, dtype, training):
     for every k and stride: against the reference as test_dw_paths (y and the gradients,
     so the backward tile kernels too), plus the batch mean and invstd against the
     reference in training; in eval, y bit for bit against the strip kernel (same tap
-    order, same epilogue). In training the statistics merge the same values in another
+    order, plus w * 0 for the taps outside the image that the strip kernel skips; same
+    epilogue). In training the statistics merge the same values in another
     order, so y is only close to the strip kernels' (test_dw_paths checks it)."""
     monkeypatch.setenv("MOBILENET_EXT_DW_TILE", "1")
     test_dw_paths(monkeypatch, case, dtype, training, "1", False)

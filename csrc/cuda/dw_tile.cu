@@ -30,9 +30,10 @@
 // Shared memory, in 16-byte units: input tile row rr (image row hi0 + rr),
 // column cc (image column wi0 + cc), group g at
 //   rr * pitch + cc * CG + (cc / (R*S)) * skew + g,
-// left unwritten where the pixel lies outside the image (the conv skips those
-// taps). skew = CG for CG < 8, else 0: a warp's LDS.128 of one strip column
-// reads, for strip s and group g, unit s * (R*S*CG + skew) + g + const. Without
+// zero where the pixel lies outside the image (cp.async's zero fill: the conv then
+// reads every tap without a bounds check; tile_for_inputs). skew = CG for CG < 8,
+// else 0: a warp's LDS.128 of one strip column reads, for strip s and group g, unit
+// s * (R*S*CG + skew) + g + const. Without
 // the skew the strip stride R*S*CG is a multiple of 8 units (128 bytes, all 32
 // banks), so for CG = 2 or 4 the 32 lanes would hit only 2 or 4 of the 8 bank
 // quads (4- or 2-way conflicts); with it the stride is CG mod 8 and the lanes
@@ -42,10 +43,11 @@
 // the wavefronts of the emulated kernel (the minimum at every CG; 4x and 2x at CG 2
 // and 4 without the skew).
 //
-// The conv accumulates exactly as DwStrip::conv (load_wrow, strip_fma: kernel
-// rows ascending, input columns ascending, fp32 FMA out += w * x, taps outside
-// the image skipped) and the epilogues are the strip kernels' (apply_store,
-// dc_store), so y, dx and dc are bit-identical to the strip kernels'. The reductions
+// The conv accumulates as DwStrip::conv (load_wrow, strip_fma: kernel rows
+// ascending, input columns ascending, fp32 FMA out += w * x) but adds w * 0 for the
+// taps outside the image that DwStrip skips, and the epilogues are the strip
+// kernels' (apply_store, dc_store), so with finite weights y, dx and dc equal the
+// strip kernels' (tile_for_inputs says when a zero's sign may differ). The reductions
 // (statistics, backward sums, weight-gradient taps) add the same strip values grouped
 // in another order (see dw_tile_stats_kernel).
 #include <climits>
@@ -89,6 +91,8 @@ struct TileLayout {
   int cols;   // input columns per tile row: (TW - 1) * S + K
   int skew;   // units after every R*S columns
   int pitch;  // units per input row
+  int colsp;  // cols rounded up to a multiple of 4: stage_tile's pixels per row
+  unsigned colsp_magic;  // ceil(2^32 / colsp): q / colsp = (q * colsp_magic) >> 32
 };
 
 template <int K, int S>
@@ -98,6 +102,10 @@ TileLayout tile_layout(int cg) {
   l.cols = (32 / cg * kDwR - 1) * S + K;
   l.skew = cg < 8 ? cg : 0;
   l.pitch = l.cols * cg + (l.cols - 1) / (kDwR * S) * l.skew;
+  l.colsp = (l.cols + 3) & ~3;
+  // exact for q * (colsp_magic * colsp - 2^32) < 2^32: q < kRows * colsp < 2^11 and
+  // the error term < colsp < 2^8
+  l.colsp_magic = static_cast<unsigned>(((uint64_t(1) << 32) + l.colsp - 1) / l.colsp);
   return l;
 }
 
@@ -135,14 +143,19 @@ bool pick_tile(int groups, int Wout, TileLayout* best, int max_cg) {
 }
 
 // 16 bytes global -> shared, asynchronous from sm_80 (cp.async, no register
-// staging). The cp.async code is also what a host compilation sees (no __CUDA_ARCH__):
-// the CPU emulator of tests/cuda_emu runs it, with its copies landing late.
-__device__ __forceinline__ void copy16(uint4* dst, const void* src) {
+// staging); with inside false, 16 zero bytes and nothing read (cp.async's zero fill:
+// src must still be a valid address). The cp.async code is also what a host
+// compilation sees (no __CUDA_ARCH__): the CPU emulator of tests/cuda_emu runs it,
+// with its copies landing late.
+// dst: unit `unit` of the shared buffer `base` (its shared address taken once per
+// buffer, not once per copy).
+__device__ __forceinline__ void copy16(uint4* base, int unit, const void* src, bool inside) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(base)) + 16u * unsigned(unit);
+  const int n = inside ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n));
 #else
-  *dst = *static_cast<const uint4*>(src);
+  base[unit] = inside ? *static_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
 #endif
 }
 
@@ -200,52 +213,54 @@ __device__ __forceinline__ void stage_tile(const DwTile<T>& t, const TileOrigin&
   const int CG = t.l.cg, cols = t.l.cols, C = t.C;
   if (th.active) {
     const T* xg = t.x + int64_t(o.n) * t.Hin * t.Win * C + th.g * V;
-    // Rows walked as if padded to a multiple of 4 pixels: a phase of 8 lanes (128 bytes
-    // of shared writes) is then 8 / CG <= 4 pixels of one row and one skew group (R * S
-    // >= 4 pixels), contiguous units, so conflict-free. Unpadded (rows of 66 pixels
-    // stepped by 128 at CG 2) phases crossed skew boundaries and row ends: 1.48x the
-    // minimum wavefronts (tests/cuda_emu/memprofile.py).
-    const int colsp = (cols + 3) & ~3;
-    const int step = Shape::kThreads / CG, drow = step / colsp, dcol = step % colsp;
-    int rr = int(threadIdx.x) / CG / colsp, cc = int(threadIdx.x) / CG % colsp;
-    uint4* dst_g = tile + th.gl;
-    while (rr < Shape::kRows) {
+    // Rows walked as if padded to colsp, a multiple of 4 pixels: a phase of 8 lanes
+    // (128 bytes of shared writes) is then 8 / CG <= 4 pixels of one row and one skew
+    // group (R * S >= 4 pixels), contiguous units, so conflict-free. Unpadded (rows of 66
+    // pixels stepped by 128 at CG 2) phases crossed skew boundaries and row ends: 1.48x
+    // the minimum wavefronts (tests/cuda_emu/memprofile.py). Per copy: the pixel's row
+    // by a multiply-high, its offset in 32 bits (tile_args: an image's elements fit an
+    // int), the shared address from the buffer's: 31 SASS instructions per copy, where
+    // recomputing the 64-bit address took 46 (bench/sass.py, sm_90, K = 3 fp16).
+    const int colsp = t.l.colsp, nq = Shape::kRows * colsp, step = Shape::kThreads / CG;
+    for (int q = int(threadIdx.x) / CG; q < nq; q += step) {
+      const int rr = int((uint64_t(unsigned(q)) * t.l.colsp_magic) >> 32), cc = q - rr * colsp;
+      if (cc >= cols) continue;
+      // pixels outside the image: zeros, so the conv reads every tap unchecked
       const int hi = o.hi0 + rr, wi = o.wi0 + cc;
-      const bool inside = cc < cols && hi >= 0 && hi < t.Hin && wi >= 0 && wi < t.Win;
-      if (inside)  // outside pixels stay unwritten: the conv skips their taps
-        copy16(dst_g + rr * t.l.pitch + cc * CG + cc / RS * t.l.skew,
-               xg + (int64_t(hi) * t.Win + wi) * C);
-      rr += drow;
-      cc += dcol;
-      if (cc >= colsp) {
-        cc -= colsp;
-        ++rr;
-      }
+      const bool inside = unsigned(hi) < unsigned(t.Hin) && unsigned(wi) < unsigned(t.Win);
+      copy16(tile + th.gl, rr * t.l.pitch + cc * CG + int(unsigned(cc) / RS) * t.l.skew,
+             xg + unsigned(inside ? (hi * t.Win + wi) * C : 0), inside);
     }
   }
   copy16_wait();
 }
 
-// For every kernel row i inside the image: row_fn(i), then col_fn(i, col, x values)
-// for every column col of this thread's strip window inside the image (taps outside
-// it contribute zero), from the staged tile, in DwStrip::for_inputs' order. The
-// window: tile row row*S, tile column strip*R*S, image pixel (hs, ws).
-template <typename T, int K, int S, typename RowF, typename ColF>
-__device__ __forceinline__ void tile_for_inputs(const DwTile<T>& t, const TileOrigin& o,
-                                                const TileThread& th, const uint4* tile,
-                                                RowF&& row_fn, ColF&& col_fn) {
+// For every kernel row i: row_fn(i), then col_fn(i, col, x values) for every column
+// col of this thread's strip window, from the staged tile, in DwStrip::for_inputs'
+// order (the window: tile row row*S, tile column strip*R*S). No bounds checks: the
+// tile holds zeros where the window leaves the image (stage_tile), so a tap there
+// adds w * 0, where DwStrip skips it. With finite weights that is the same sum: acc +
+// (+-0) = acc bit for bit unless acc is -0, which an FFMA gives only when every
+// product so far was zero and one negative underflowed (|w * x| < 2^-150); then the
+// zero tap can turn -0 into +0, equal as values.
+//
+// kRollRows: the kernel rows as a loop, not unrolled (col_fn must then not index
+// registers by i). The conv takes it: unrolled and without the bounds checks' branches
+// ptxas hoists every row's loads and conversions (apply at K = 3 fp16: 256 B of
+// spills under its 80-register cap, ptxas sm_90).
+template <typename T, int K, int S, bool kRollRows, typename RowF, typename ColF>
+__device__ __forceinline__ void tile_for_inputs(const DwTile<T>& t, const TileThread& th,
+                                                const uint4* tile, RowF&& row_fn,
+                                                ColF&& col_fn) {
   constexpr int V = Vec<T>::V, RS = kDwR * S, kCols = (kDwR - 1) * S + K;
   const int CG = t.l.cg, skew = t.l.skew, pitch = t.l.pitch;
   const uint4* xs = tile + th.row * S * pitch + th.strip * (RS * CG + skew) + th.gl;
-  const int hs = o.hi0 + th.row * S, ws = o.wi0 + th.strip * RS;
-#pragma unroll
+#pragma unroll(kRollRows ? 1 : K)
   for (int i = 0; i < K; ++i) {
-    if (hs + i < 0 || hs + i >= t.Hin) continue;
     row_fn(i);
     const uint4* xr = xs + i * pitch;
 #pragma unroll
     for (int col = 0; col < kCols; ++col) {
-      if (ws + col < 0 || ws + col >= t.Win) continue;
       float xv[V];
       vload<V>(reinterpret_cast<const T*>(xr + col * CG + col / RS * skew), xv);
       col_fn(i, col, xv);
@@ -256,8 +271,8 @@ __device__ __forceinline__ void tile_for_inputs(const DwTile<T>& t, const TileOr
 // c = the conv of this thread's strip from the staged tile, accumulated as
 // DwStrip::conv (the header).
 template <typename T, int K, int S>
-__device__ __forceinline__ void tile_strip_conv(const DwTile<T>& t, const TileOrigin& o,
-                                                const TileThread& th, const uint4* tile,
+__device__ __forceinline__ void tile_strip_conv(const DwTile<T>& t, const TileThread& th,
+                                                const uint4* tile,
                                                 float (&c)[kDwR][Vec<T>::V]) {
   constexpr int V = Vec<T>::V;
 #pragma unroll
@@ -265,8 +280,8 @@ __device__ __forceinline__ void tile_strip_conv(const DwTile<T>& t, const TileOr
 #pragma unroll
     for (int v = 0; v < V; ++v) c[r][v] = 0.f;
   float wrow[K][V];
-  tile_for_inputs<T, K, S>(
-      t, o, th, tile, [&](int i) { load_wrow<K>(t.wt, t.C, th.g * V, i, wrow); },
+  tile_for_inputs<T, K, S, true>(
+      t, th, tile, [&](int i) { load_wrow<K>(t.wt, t.C, th.g * V, i, wrow); },
       [&](int, int col, const float (&xv)[V]) { strip_fma<K, S>(col, wrow, xv, c); });
 }
 
@@ -327,7 +342,7 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads,
   const int ho = o.ho0 + th.row, wo = o.wo0 + th.strip * R;
   if (!th.active || ho >= t.Hout || wo >= t.Wout) return;  // after the only barrier
   float c[R][V];
-  tile_strip_conv<T, K, S>(t, o, th, tile, c);
+  tile_strip_conv<T, K, S>(t, th, tile, c);
   const int c0 = th.g * V;
   const int nv = t.Wout - wo < R ? t.Wout - wo : R;
   const int64_t base = out_offset(t, o.n, ho, wo, c0);
@@ -363,7 +378,7 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kR
   for (int v = 0; v < V; ++v) mean[v] = m2[v] = 0.f;
   for_block_tiles<T, K, S>(t, th, tiles, tile, [&](const TileOrigin& o, int, int, int nv) {
     float c[R][V];
-    tile_strip_conv<T, K, S>(t, o, th, tile, c);
+    tile_strip_conv<T, K, S>(t, th, tile, c);
     welford_strip(c, nv, mean, m2, n);
   });
   const int CG = t.l.cg;
@@ -393,7 +408,7 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kB
   }
   for_block_tiles<T, K, S>(t, th, tiles, tile, [&](const TileOrigin& o, int ho, int wo, int nv) {
     float c[R][V];
-    tile_strip_conv<T, K, S>(t, o, th, tile, c);
+    tile_strip_conv<T, K, S>(t, th, tile, c);
     sums_strip<T>(a, sc, sh, mean, out_offset(t, o.n, ho, wo, c0), nv, c, s_dz, s_dzx);
   });
   const int CG = t.l.cg, ty = int(threadIdx.x) / CG, by = int(blockDim.x) / CG;
@@ -422,8 +437,8 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kB
   for_block_tiles<T, K, S>(t, th, tiles, tile, [&](const TileOrigin& o, int ho, int wo, int nv) {
     float g[R][V];
     load_dc_strip<T>(a, out_offset(t, o.n, ho, wo, c0), nv, g);
-    tile_for_inputs<T, K, S>(
-        t, o, th, tile, [](int) {},
+    tile_for_inputs<T, K, S, false>(
+        t, th, tile, [](int) {},
         [&](int i, int col, const float (&xv)[V]) { taps_fma<K, S>(i, col, nv, g, xv, dw); });
   });
   const int CG = t.l.cg;
@@ -471,9 +486,9 @@ struct DcDweightShape {
 //    channel group t % CG (its own group), part t / CG % parts (dweight_parts) and
 //    kernel row i = t / (CG * parts) < K; it walks the pixels q = part, part + parts,
 //    ... inside the output, loads dc(q) once and x(q's tap row i, taps j = 0..K-1) from
-//    the staged tile (taps outside the image skipped, as taps_fma does: those units
-//    were never written), and adds into its K * V sums (K * V per thread instead of
-//    the K * K * V a strip thread would need: why the strip path has no vector dc at
+//    the staged tile (taps outside the image read the tile's zeros), and adds into
+//    its K * V sums (K * V per thread instead of the K * K * V a strip thread would
+//    need: why the strip path has no vector dc at
 //    K = 5, 7, whose dc then runs on the scalar kernel).
 // At the end the parts of each (i, group) are summed in a fixed order (part 0 first:
 // deterministic) into chunk blockIdx.y's partials [chunk][tap][C], tap = i * K + j.
@@ -533,7 +548,7 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kB
       t, th, tiles, tile,
       [&](const TileOrigin& o, int ho, int wo, int nv) {
         float c[R][V];
-        tile_strip_conv<T, K, S>(t, o, th, tile, c);
+        tile_strip_conv<T, K, S>(t, th, tile, c);
         DcCoef<V> k;  // loaded per tile: fewer registers live across the loop
         k.load(a, c0);
         uint4* mine = dcs + (th.row * TW + th.strip * R) * CG + th.gl;
@@ -545,18 +560,15 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kB
       [&](const TileOrigin& o) {
         if (!summer) return;
         if (Shape::kSmemSums) zero();
-        const int hi = o.hi0 + ki;  // + row * S: the image row of tap row ki
         for (int q = part; q < TH * TW; q += parts) {
           const int row = q / TW, col = q % TW;
-          if (o.ho0 + row >= t.Hout || o.wo0 + col >= t.Wout) continue;
-          if (hi + row * S < 0 || hi + row * S >= t.Hin) continue;
+          if (o.ho0 + row >= t.Hout || o.wo0 + col >= t.Wout) continue;  // no dc there
           float g[V];
           vload<V>(reinterpret_cast<const T*>(dcs + q * CG + th.gl), g);
           const uint4* xr = tile + (row * S + ki) * t.l.pitch + th.gl;
 #pragma unroll
-          for (int j = 0; j < K; ++j) {
-            const int cc = col * S + j, wi = o.wi0 + cc;
-            if (wi < 0 || wi >= t.Win) continue;  // not staged: may hold anything
+          for (int j = 0; j < K; ++j) {  // taps outside the image: x = 0 in the tile
+            const int cc = col * S + j;
             float xv[V];
             vload<V>(reinterpret_cast<const T*>(xr + cc * CG + cc / RS * t.l.skew), xv);
 #pragma unroll
@@ -593,8 +605,9 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kB
 }
 
 // The launch arguments and tile count of a conv of `in` (N, Hin, Win, C) with the
-// weights wt (K*K, C) into (N, Hout, Wout, C): false where no tile fits in 48 KB, or
-// the tile count does not fit an int. max_cg: the largest CG allowed (pick_tile).
+// weights wt (K*K, C) into (N, Hout, Wout, C): false where no tile fits in 48 KB, the
+// tile count does not fit an int, or one image's elements do not (stage_tile's 32-bit
+// offsets). max_cg: the largest CG allowed (pick_tile).
 template <typename T, int K, int S>
 bool tile_args(const void* in, const void* wt, int N, int C, int Hin, int Win, int Hout,
                int Wout, int pad, DwTile<T>* t, int* tiles, int max_cg = 16) {
@@ -608,6 +621,7 @@ bool tile_args(const void* in, const void* wt, int N, int C, int Hin, int Win, i
                  (Hout + Shape::kTH - 1) / Shape::kTH};
   const int64_t n = int64_t(t->tiles_w) * t->tiles_h * N;
   if (n > INT_MAX - 65535) return false;  // tile indices plus a grid stride fit an int
+  if (int64_t(Hin) * Win * C > INT_MAX) return false;  // stage_tile's 32-bit offsets
   *tiles = static_cast<int>(n);
   return true;
 }

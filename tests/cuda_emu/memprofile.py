@@ -9,9 +9,10 @@ Nsight Compute would call wavefronts and sectors per request, without caches.
     python tests/cuda_emu/memprofile.py --op pw --shape 24,144,28 [--residual]
 
 Requests are formed by the lanes of a warp that ran the same instruction the same
-n-th time; where lanes skip iterations others run (taps outside the image at a
-padded edge), later iterations pair up differently than on a GPU, so layouts are
-best judged at padding 0 with the tile width dividing the output width."""
+n-th time; where lanes skip iterations others run (the strip kernels' taps outside
+the image at a padded edge, the tile staging's columns past the tile), later
+iterations pair up differently than on a GPU, so layouts are best judged at padding
+0 with the tile width dividing the output width."""
 import argparse
 import os
 import pathlib
