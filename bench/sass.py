@@ -4,6 +4,7 @@ by instruction class, by source function and by loop.
 
     python -m bench.sass csrc/cuda/dw_tile.cu --kernel "dw_tile_apply_kernel<__half, 3, 1, false>"
     python -m bench.sass csrc/cuda/pw_fused.cu --arch 90 --json out.json
+    python -m bench.sass csrc/cuda/dw_tile.cu --kernel "<__half, 3, 1" --base HEAD
 
 The counts are static: a straight-line (fully unrolled) region runs each of its
 instructions once per thread, a loop's body once per iteration, and code behind a
@@ -294,6 +295,45 @@ def render(result: dict, top: int = 8) -> str:
     return "\n".join(lines)
 
 
+def analyze_at(rev: str, source: Path, arch: str = "90", kernels=(), defines=()) -> dict:
+    """analyze() of `source` as it is at git revision `rev`: the repository's csrc/
+    tree at rev (git archive) in a temporary folder, so its headers are rev's too."""
+    rel = Path(os.path.relpath(source.resolve(), ROOT))
+    with tempfile.TemporaryDirectory() as tmp:
+        arch_ = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "csrc"],
+                               capture_output=True)
+        if arch_.returncode != 0:
+            raise ValueError(f"base: git archive {rev} csrc failed: "
+                             f"{arch_.stderr.decode(errors='replace').strip()}")
+        subprocess.run(["tar", "-x", "-C", tmp], input=arch_.stdout, check=True)
+        if not (Path(tmp) / rel).is_file():
+            raise ValueError(f"base: {rel} does not exist at {rev}")
+        return analyze(Path(tmp) / rel, arch, kernels, defines)
+
+
+def _key_numbers(r: dict) -> tuple:
+    spill = r.get("spill_stores", 0) + r.get("spill_loads", 0)
+    longest = max((lp["instructions"] for lp in r["loops"]), default=0)
+    return r.get("registers", "?"), spill, r["instructions"], longest
+
+
+def compare(before: dict, after: dict) -> str:
+    """A markdown table, kernel by kernel, of registers, spill bytes, instructions and
+    the longest loop body, 'before -> after' where they differ; kernels only on one
+    side are listed as such."""
+    lines = ["| kernel | registers | spill bytes | instructions | longest loop body |",
+             "| --- | --- | --- | --- | --- |"]
+    for name in sorted(set(before) | set(after), key=short_name):
+        if name not in before or name not in after:
+            lines.append(f"| {short_name(name)} | "
+                         f"{'new' if name not in before else 'gone'} | | | |")
+            continue
+        cells = [str(b) if b == a else f"{b} -> {a}"
+                 for b, a in zip(_key_numbers(before[name]), _key_numbers(after[name]))]
+        lines.append(f"| {short_name(name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -305,13 +345,23 @@ def main(argv=None) -> int:
                    help="a preprocessor definition passed to nvcc")
     p.add_argument("--top", type=int, default=8, help="source functions listed per kernel")
     p.add_argument("--json", type=Path, help="write the full counts here")
+    p.add_argument("--base", metavar="REV",
+                   help="compare with the source as it is at this git revision (e.g. HEAD): "
+                        "a table of registers, spills, instructions, longest loop, "
+                        "before -> after")
     a = p.parse_args(argv)
     if not a.source.is_file():
         p.error(f"source: no file {a.source}")
     result = analyze(a.source, a.arch, a.kernel, a.defines)
     if not result:
         p.error(f"kernel: none of {a.kernel} in {a.source}")
-    print(render(result, a.top))
+    if a.base:
+        try:
+            print(compare(analyze_at(a.base, a.source, a.arch, a.kernel, a.defines), result))
+        except ValueError as e:
+            p.error(str(e))
+    else:
+        print(render(result, a.top))
     if a.json:
         a.json.write_text(json.dumps(result, indent=1, sort_keys=True))
     return 0

@@ -1,6 +1,6 @@
 """bench/sass.py, the static SASS counts of the CUDA kernels (no GPU needed: nvcc and
 nvdisasm only), and the claims the tile kernels' comments make from them."""
-import shutil
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -73,6 +73,34 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sass.main([str(src), "--kernel", "no_such_kernel"])
     assert "kernel: none of" in capsys.readouterr().err
+
+
+def test_compare_table():
+    """compare(): 'before -> after' only where a number moved; kernels on one side
+    only are named as new or gone."""
+    def row(regs, spill, n, loop):
+        return {"registers": regs, "spill_stores": spill, "spill_loads": 0,
+                "instructions": n, "loops": [{"instructions": loop}] if loop else []}
+    before = {"void a<float>(int)": row(40, 0, 100, 10), "void gone(int)": row(8, 0, 5, 0)}
+    after = {"void a<float>(int)": row(48, 16, 100, 8), "void b(int)": row(8, 0, 5, 0)}
+    lines = sass.compare(before, after).splitlines()
+    assert "| a<float> | 40 -> 48 | 0 -> 16 | 100 | 10 -> 8 |" in lines
+    assert "| gone | gone | | | |" in lines and "| b | new | | | |" in lines
+
+
+def test_cli_base(capsys):
+    """--base HEAD compares the working tree's source with the committed one: for a file
+    this change does not touch (pw_fused.cu), every number is unchanged. An unknown
+    revision is a clear error."""
+    src = str(ROOT / "csrc" / "cuda" / "pw_fused.cu")
+    if subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", src]).returncode:
+        pytest.skip("pw_fused.cu differs from HEAD in this checkout")
+    assert sass.main([src, "--base", "HEAD"]) == 0
+    table = capsys.readouterr().out
+    assert "pw_fused_kernel<__half>" in table and "->" not in table
+    with pytest.raises(SystemExit):
+        sass.main([src, "--base", "no-such-revision"])
+    assert "base: git archive no-such-revision" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
