@@ -56,23 +56,25 @@ def op_class(opcode: str) -> str:
     return _CLASS_OF.get(base, "other")
 
 
+def toolkit_roots() -> list:
+    """CUDA toolkit roots, most trusted first: CUDA_HOME / CUDA_PATH, then the root of
+    the toolkit `nvcc` on PATH runs (its --dryrun prints TOP=<root>/bin/..; also when
+    `nvcc` is a wrapper script). tests/cuda_emu/build.py finds the headers with it."""
+    roots = [os.environ[v] for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    if shutil.which("nvcc"):
+        with tempfile.TemporaryDirectory() as d:
+            cu = os.path.join(d, "probe.cu")
+            open(cu, "w").close()
+            out = subprocess.run(["nvcc", "--dryrun", "-c", cu, "-o", cu + ".o"],
+                                 capture_output=True, text=True, timeout=120)
+        roots += re.findall(r"^#\$ TOP=(\S+)", out.stdout + out.stderr, re.M)
+    return roots
+
+
 def find_tool(name: str) -> str:
-    """A CUDA binary tool: CUDA_HOME/bin, then the toolkit behind `nvcc` on PATH (which
-    may be a wrapper script; setup.py's rule), then PATH, then Triton's copy."""
-    cands = []
-    if os.environ.get("CUDA_HOME"):
-        cands.append(Path(os.environ["CUDA_HOME"]) / "bin" / name)
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = Path(os.path.realpath(nvcc))
-        cands.append(real.parent / name)
-        try:  # a wrapper script: `exec /opt/cuda/bin/nvcc "$@"`
-            head = real.read_bytes()[:4096]
-            m = re.search(rb"(/\S+)/nvcc\b", head)
-            if m:
-                cands.append(Path(m.group(1).decode()) / name)
-        except OSError:
-            pass
+    """A CUDA binary tool: in a toolkit root's bin (toolkit_roots), on PATH, or Triton's
+    copy (which ships nvdisasm where a toolkit may lack it)."""
+    cands = [Path(root) / "bin" / name for root in toolkit_roots()]
     if shutil.which(name):
         cands.append(Path(shutil.which(name)))
     try:
@@ -83,7 +85,7 @@ def find_tool(name: str) -> str:
     for c in cands:
         if c.is_file() and os.access(c, os.X_OK):
             return str(c)
-    raise FileNotFoundError(f"{name} not found (CUDA_HOME/bin, beside nvcc, PATH, triton)")
+    raise FileNotFoundError(f"{name} not found (a toolkit's bin, PATH, triton)")
 
 
 def compile_cubin(src: Path, arch: str, out: Path, defines=()) -> str:
@@ -112,23 +114,24 @@ def demangle(names):
 
 def parse_ptxas(report: str) -> dict:
     """mangled kernel -> {'registers', 'spill_stores', 'spill_loads', 'stack'}."""
-    res, cur = {}, None
-    for line in report.splitlines():
-        m = re.search(r"Compiling entry function '(\w+)'", line) or \
-            re.search(r"Function properties for (\w+)", line)
+    res, entry, props = {}, None, None  # registers: of the entry being compiled;
+    for line in report.splitlines():  # the frame line: of the function named last
+        m = re.search(r"Compiling entry function '(\w+)'", line)
         if m:
-            cur = res.setdefault(m.group(1), {})
+            entry = props = res.setdefault(m.group(1), {})
             continue
-        if cur is None:
+        m = re.search(r"Function properties for (\w+)", line)
+        if m:
+            props = res.setdefault(m.group(1), {})
             continue
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes "
                       r"spill loads", line)
-        if m:
-            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
-                       spill_loads=int(m.group(3)))
+        if m and props is not None:
+            props.update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                         spill_loads=int(m.group(3)))
         m = re.search(r"Used (\d+) registers", line)
-        if m:
-            cur["registers"] = int(m.group(1))
+        if m and entry is not None:
+            entry["registers"] = int(m.group(1))
     return res
 
 
@@ -143,12 +146,9 @@ def parse_disasm(text: str) -> dict:
     kernels, cur, chain, fresh, labels = {}, None, [], True, {}
     pending_labels = []
     for line in text.splitlines():
-        m = re.match(r"\s*\.text\.(\S+):$", line) or re.match(r"^(_Z\w+):$", line)
-        if m and (line.lstrip().startswith(".text.") or cur is None or m.group(1) not in kernels):
-            name = m.group(1)
-            if name not in kernels:
-                kernels[name] = []
-            cur = kernels[name]
+        m = re.match(r"\s*\.text\.(\S+):$", line)  # a kernel's section starts
+        if m:
+            cur = kernels.setdefault(m.group(1), [])
             chain, fresh, pending_labels = [], True, []
             continue
         if cur is None:

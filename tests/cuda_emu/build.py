@@ -12,10 +12,8 @@ LD_PRELOAD=`sanitizer_preload()` (test_cuda_emu_sanitized.py does)."""
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -358,17 +356,13 @@ def _mkdir(p):
 
 def _cuda_include():
     """The CUDA toolkit's headers (cuda_runtime.h, cuda_fp16.h): from CUDA_HOME, or
-    where `nvcc` on PATH says its toolkit is (its --dryrun prints TOP=<root>/bin/..,
-    also when `nvcc` is a wrapper script)."""
-    roots = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    if shutil.which("nvcc"):
-        with tempfile.TemporaryDirectory() as d:
-            cu = os.path.join(d, "probe.cu")
-            open(cu, "w").close()
-            out = subprocess.run(["nvcc", "--dryrun", "-c", cu, "-o", cu + ".o"],
-                                 capture_output=True, text=True, timeout=120)
-        roots += re.findall(r"^#\$ TOP=(\S+)", out.stdout + out.stderr, re.M)
-    for root in roots:
+    where `nvcc` on PATH says its toolkit is (bench.sass.toolkit_roots)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.sass import toolkit_roots
+    finally:
+        sys.path.pop(0)
+    for root in toolkit_roots():
         if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
             return os.path.realpath(os.path.join(root, "include"))
     raise RuntimeError("no CUDA toolkit headers (cuda_runtime.h): set CUDA_HOME")
