@@ -95,13 +95,21 @@ struct TileLayout {
   unsigned colsp_magic;  // ceil(2^32 / colsp): q / colsp = (q * colsp_magic) >> 32
 };
 
+// Units from the start of a tile row to its column cc >= 0 (or from a strip window's
+// first column, which starts a skew group, to its column cc): the header's
+// cc * CG + (cc / (R*S)) * skew.
+template <int S>
+__host__ __device__ __forceinline__ int tile_col_unit(const TileLayout& l, int cc) {
+  return cc * l.cg + int(unsigned(cc) / (kDwR * S)) * l.skew;
+}
+
 template <int K, int S>
 TileLayout tile_layout(int cg) {
   TileLayout l;
   l.cg = cg;
   l.cols = (32 / cg * kDwR - 1) * S + K;
   l.skew = cg < 8 ? cg : 0;
-  l.pitch = l.cols * cg + (l.cols - 1) / (kDwR * S) * l.skew;
+  l.pitch = tile_col_unit<S>(l, l.cols - 1) + cg;
   l.colsp = (l.cols + 3) & ~3;
   // exact for q * (colsp_magic * colsp - 2^32) < 2^32: q < kRows * colsp < 2^11 and
   // the error term < colsp < 2^8
@@ -209,7 +217,7 @@ template <typename T, int K, int S>
 __device__ __forceinline__ void stage_tile(const DwTile<T>& t, const TileOrigin& o,
                                            const TileThread& th, uint4* tile) {
   using Shape = TileShape<K, S>;
-  constexpr int V = Vec<T>::V, RS = kDwR * S;
+  constexpr int V = Vec<T>::V;
   const int CG = t.l.cg, cols = t.l.cols, C = t.C;
   if (th.active) {
     const T* xg = t.x + int64_t(o.n) * t.Hin * t.Win * C + th.g * V;
@@ -228,7 +236,7 @@ __device__ __forceinline__ void stage_tile(const DwTile<T>& t, const TileOrigin&
       // pixels outside the image: zeros, so the conv reads every tap unchecked
       const int hi = o.hi0 + rr, wi = o.wi0 + cc;
       const bool inside = unsigned(hi) < unsigned(t.Hin) && unsigned(wi) < unsigned(t.Win);
-      copy16(tile + th.gl, rr * t.l.pitch + cc * CG + int(unsigned(cc) / RS) * t.l.skew,
+      copy16(tile + th.gl, rr * t.l.pitch + tile_col_unit<S>(t.l, cc),
              xg + unsigned(inside ? (hi * t.Win + wi) * C : 0), inside);
     }
   }
@@ -262,7 +270,7 @@ __device__ __forceinline__ void tile_for_inputs(const DwTile<T>& t, const TileTh
 #pragma unroll
     for (int col = 0; col < kCols; ++col) {
       float xv[V];
-      vload<V>(reinterpret_cast<const T*>(xr + col * CG + col / RS * skew), xv);
+      vload<V>(reinterpret_cast<const T*>(xr + tile_col_unit<S>(t.l, col)), xv);
       col_fn(i, col, xv);
     }
   }
@@ -500,7 +508,7 @@ template <typename T, int K, int S>
 __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kBwdMinBlocks)
     dw_tile_dc_dweight_kernel(const VecArgs a, const DwTile<T> t, int tiles) {
   using Shape = DcDweightShape<K, S>;
-  constexpr int V = Vec<T>::V, R = kDwR, RS = R * S, TH = TileShape<K, S>::kTH;
+  constexpr int V = Vec<T>::V, R = kDwR, TH = TileShape<K, S>::kTH;
   constexpr int kThreads = TileShape<K, S>::kThreads, kUnits = K * V / 4;
   extern __shared__ uint4 tile[];
   const TileThread th(t.l.cg, blockIdx.x, t.C, V);
@@ -570,7 +578,7 @@ __global__ void __launch_bounds__(TileShape<K, S>::kThreads, TileShape<K, S>::kB
           for (int j = 0; j < K; ++j) {  // taps outside the image: x = 0 in the tile
             const int cc = col * S + j;
             float xv[V];
-            vload<V>(reinterpret_cast<const T*>(xr + cc * CG + cc / RS * t.l.skew), xv);
+            vload<V>(reinterpret_cast<const T*>(xr + tile_col_unit<S>(t.l, cc)), xv);
 #pragma unroll
             for (int v = 0; v < V; ++v) dw[j][v] += g[v] * xv[v];
           }
